@@ -1,0 +1,52 @@
+"""The command line: each data subcommand on the smoke cohort, and clear errors with exit 2."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from wmhqc_lib.cli import main
+
+
+def test_index_and_folds_commands(smoke_cohort, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    assert main(["data", "index", "--root", str(smoke_cohort), "--out", str(manifest)]) == 0
+    table = pd.read_csv(manifest)
+    assert set(table["dataset"]) == {"miccai17", "isbi15", "msseg16", "ljubljana"}
+    single = tmp_path / "isbi.csv"
+    assert main(["data", "index", "--dataset", "isbi15", "--root",
+                 str(smoke_cohort / "isbi15"), "--out", str(single),
+                 "--isbi-raters", "intersection"]) == 0
+    isbi = pd.read_csv(single)
+    assert set(isbi["mask_rule"]) == {"intersection"} and len(isbi) >= 2
+    folds = tmp_path / "folds.csv"
+    assert main(["data", "folds", "--manifest", str(manifest), "--out", str(folds),
+                 "--profile", "smoke"]) == 0
+    assert "test" in capsys.readouterr().out
+    assert len(pd.read_csv(folds)) == 3 * len(table)
+
+
+def test_combine_refuses_duplicate_subjects(smoke_cohort, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    main(["data", "index", "--dataset", "ljubljana", "--root", str(smoke_cohort / "ljubljana"),
+          "--out", str(manifest)])
+    code = main(["data", "combine", str(manifest), str(manifest), "--out",
+                 str(tmp_path / "c.csv")])
+    assert code == 2
+    assert "ljubljana_patient01" in capsys.readouterr().err
+
+
+def test_bad_root_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code = main(["data", "index", "--dataset", "miccai17", "--root", str(missing), "--out",
+                 str(tmp_path / "m.csv")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "wmhqc: error" in err
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_synth_refuses_a_folder_made_with_other_settings(smoke_cohort, capsys):
+    code = main(["data", "synth", "--out", str(smoke_cohort), "--profile", "smoke",
+                 "--seed", "12345"])
+    assert code == 2
+    assert "other settings" in capsys.readouterr().err

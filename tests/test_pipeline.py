@@ -1,0 +1,110 @@
+"""The walking pipeline: papermill runs the data notebook, the book builds offline, reruns skip
+finished steps, and a failing step blocks only what depends on it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from wmhqc_lib import pipeline
+from wmhqc_lib.config import load_profile
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_cohort, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results)
+    return code, results
+
+
+def test_reproduce_smoke_builds_the_book(smoke_run):
+    code, results = smoke_run
+    assert code == 0
+    html = results / "book" / "_build" / "html"
+    assert (html / "index.html").exists()
+    page = (html / "notebooks" / "01_data.html").read_text()
+    assert "Synthetic cohort" in page
+    assert "plotly-graph-div" in page  # the plotly figure is in the page as HTML
+    assert "_static/plotly.min.js" in page and (html / "_static" / "plotly.min.js").exists()
+    assert len(re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', page)) >= 2  # overlays
+    assert "Lesion load per site (synthetic cohort)" in page
+
+
+def test_book_pages_load_nothing_from_the_network(smoke_run):
+    _, results = smoke_run
+    for page in (results / "book" / "_build" / "html").rglob("*.html"):
+        text = page.read_text()
+        remote = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//[^"]+"', text)
+        assert not remote, f"{page} loads {remote[:3]}"
+
+
+def test_data_step_writes_its_artifacts(smoke_run, smoke_manifest):
+    _, results = smoke_run
+    data = results / "data"
+    manifest = pd.read_csv(data / "manifest.csv")
+    folds = pd.read_csv(data / "folds.csv")
+    prep = pd.read_csv(data / "preprocess.csv")
+    table = pd.read_csv(data / "cohort_table.csv")
+    n = len(smoke_manifest)
+    assert len(manifest) == len(prep) == n
+    assert len(folds) == n * load_profile("smoke").folds.n_folds
+    assert (folds[folds["split"] == "test"].groupby("subject_id").size() == 1).all()
+    assert table.loc[table["site"] == "all", "subjects"].item() == n
+    assert (prep["brain_outside_grid_fraction"] < 0.05).all()
+    executed = nbformat.read(results / "notebooks" / "01_data.ipynb", as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors
+
+
+def test_rerun_skips_unchanged_steps_and_reruns_changed_ones(smoke_run, smoke_cohort):
+    _, results = smoke_run
+    cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=Path(smoke_cohort),
+                             results_dir=results)
+    assert [r.status for r in pipeline.run_steps(cfg)] == ["skipped"]
+    cfg.seed = 99  # a parameter changed: the step runs again
+    stamp = results / "stamps" / "01_data.json"
+    before = json.loads(stamp.read_text())["key"]
+    key = pipeline._step_key(cfg, pipeline.STEPS[0], None, {})
+    assert key != before
+
+
+def _notebook(path: Path, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile_name = "smoke"\ndata_root = ""\n'
+                                       'results_dir = ""\nseed = None')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_failing_step_blocks_only_its_dependants(tmp_path, monkeypatch, smoke_cohort):
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    _notebook(nbdir / "a_fail.ipynb", "raise RuntimeError('boom in step a')")
+    _notebook(nbdir / "b_needs_a.ipynb", "print('b')")
+    _notebook(nbdir / "c_alone.ipynb", "print('c')")
+    monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
+    steps = [pipeline.Step("a_fail.ipynb"),
+             pipeline.Step("b_needs_a.ipynb", per_fold=True, depends=("a_fail",)),
+             pipeline.Step("c_alone.ipynb", per_fold=True)]
+    cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=Path(smoke_cohort),
+                             results_dir=tmp_path / "results", folds=[1, 2], progress=False)
+    results = pipeline.run_steps(cfg, steps)
+    status = [(r.step, r.fold, r.status) for r in results]
+    assert status == [("a_fail", None, "failed"), ("b_needs_a", 1, "blocked"),
+                      ("b_needs_a", 2, "blocked"), ("c_alone", 1, "ran"),
+                      ("c_alone", 2, "ran")]
+    assert "boom in step a" in results[0].detail
+    kept = nbformat.read(cfg.executed_dir / "a_fail.ipynb", as_version=4)
+    assert any(o.output_type == "error" for c in kept.cells if c.cell_type == "code"
+               for o in c.outputs)
+    assert (cfg.executed_dir / "fold2" / "c_alone.ipynb").exists()
+    assert "failed" in pipeline.timing_table(results)

@@ -1,0 +1,1 @@
+"""wmhqc: quality control of WMH segmentation."""

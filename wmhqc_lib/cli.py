@@ -1,0 +1,193 @@
+"""The ``wmhqc`` command line: data synthesis, indexing, preprocessing, folds, reproduction."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from . import datasets
+from .config import PROFILE_NAMES, load_profile
+from .io import DataError
+
+
+def _profile(args: argparse.Namespace):
+    profile = load_profile(args.profile)
+    if getattr(args, "seed", None) is not None:
+        profile = dataclasses.replace(profile, seed=args.seed)
+    return profile
+
+
+def _index_options(args: argparse.Namespace) -> datasets.IndexOptions:
+    return datasets.IndexOptions(miccai_label2=args.miccai_label2,
+                                 isbi_timepoint=args.isbi_timepoint,
+                                 isbi_raters=args.isbi_raters, msseg_mask=args.msseg_mask)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from . import synth
+
+    profile = _profile(args)
+    table = synth.generate_cohort(args.out, profile, workers=args.workers, force=args.force)
+    print(f"wrote a synthetic cohort of {len(table)} subjects to {args.out} "
+          f"(profile {profile.name}, seed {profile.seed})")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    options = _index_options(args)
+    if args.dataset:
+        result = datasets.index_dataset(args.dataset, args.root, options,
+                                        skip_bad=args.skip_bad, progress=True)
+    else:
+        result = datasets.index_cohort(args.root, options, skip_bad=args.skip_bad,
+                                       progress=True)
+    datasets.write_manifest(result.manifest, args.out)
+    for problem in result.problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"indexed {len(result.manifest)} subjects -> {args.out}"
+          + (f" ({len(result.problems)} skipped)" if result.problems else ""))
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    frames = [datasets.read_manifest(p) for p in args.manifests]
+    combined = datasets.combine_manifests(frames)
+    datasets.write_manifest(combined, args.out)
+    print(f"combined {len(combined)} subjects from {len(frames)} manifests -> {args.out}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from . import preprocess
+
+    profile = _profile(args)
+    manifest = datasets.read_manifest(args.manifest)
+    table = preprocess.preprocess_cohort(manifest, args.cache, profile.preprocess,
+                                         workers=args.workers, skip_bad=args.skip_bad)
+    if args.out:
+        table.to_csv(args.out, index=False)
+    counts = table["status"].value_counts().to_dict()
+    print(f"preprocessed {len(table)} subjects into {args.cache}: {counts}")
+    return 0
+
+
+def cmd_folds(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import folds
+
+    profile = _profile(args)
+    manifest = datasets.read_manifest(args.manifest)
+    column = "lesion_ml"
+    if args.preprocess_table:
+        prep = pd.read_csv(args.preprocess_table)[["subject_id", "load_pct"]]
+        manifest = manifest.merge(prep, on="subject_id")
+        column = "load_pct"
+    table = folds.make_folds(manifest, n_folds=args.n_folds or profile.folds.n_folds,
+                             val_fraction=profile.folds.val_fraction,
+                             n_load_bins=profile.folds.load_bins, seed=profile.seed,
+                             load_column=column)
+    table.to_csv(args.out, index=False)
+    print(folds.fold_summary(table).to_string())
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    return pipeline.reproduce(args.profile, data_root=args.data_root, results_dir=args.results,
+                              folds=args.folds or (), seed=args.seed, build=not args.no_book)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wmhqc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_profile(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", default=None, choices=PROFILE_NAMES,
+                       help="run profile from wmhqc_lib/profiles.yml (default: $WMHQC_PROFILE "
+                            "or cpu)")
+        p.add_argument("--seed", type=int, default=None, help="override the profile's seed")
+
+    data = sub.add_parser("data", help="cohort data: synthesize, index, preprocess, folds")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    p = dsub.add_parser("synth", help="write the synthetic cohort in the datasets' layouts")
+    p.add_argument("--out", required=True, type=Path)
+    add_profile(p)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="regenerate even if present")
+    p.set_defaults(func=cmd_synth)
+
+    p = dsub.add_parser("index", help="find every subject of a dataset and write a manifest")
+    p.add_argument("--dataset", choices=datasets.DATASETS, default=None,
+                   help="the dataset's layout; omit for a cohort root holding dataset folders "
+                        f"named {', '.join(datasets.DATASETS)}")
+    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave bad subjects out (reported) instead of stopping")
+    defaults = datasets.IndexOptions()
+    p.add_argument("--miccai-label2", default=defaults.miccai_label2,
+                   choices=("ignore", "lesion", "background"),
+                   help="MICCAI WMH label 2 (other pathology); default: ignore (excluded from "
+                        "lesion and from scoring, the challenge's rule)")
+    p.add_argument("--isbi-timepoint", default=defaults.isbi_timepoint,
+                   help="ISBI 2015 time point to use (default: the earliest)")
+    p.add_argument("--isbi-raters", default=defaults.isbi_raters,
+                   choices=datasets.ISBI_RATER_CHOICES,
+                   help=f"how to combine the two ISBI raters (default: {defaults.isbi_raters})")
+    p.add_argument("--msseg-mask", default=defaults.msseg_mask,
+                   help="consensus, rater:N, intersection, union or majority "
+                        f"(default: {defaults.msseg_mask})")
+    p.set_defaults(func=cmd_index)
+
+    p = dsub.add_parser("combine", help="join manifests of several datasets into one cohort")
+    p.add_argument("manifests", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_combine)
+
+    p = dsub.add_parser("preprocess", help="preprocess every manifest row into a cache")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--cache", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write the per-case table here")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-bad", action="store_true")
+    add_profile(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = dsub.add_parser("folds", help="stratified cross-validation folds")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--preprocess-table", type=Path, default=None,
+                   help="stratify by load %% of brain volume from this table (default: "
+                        "lesion volume from the manifest)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n-folds", type=int, default=None)
+    add_profile(p)
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("reproduce", help="run the whole study and build the book")
+    add_profile(p)
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="real data (cohort root or one dataset); default: synthetic cohort")
+    p.add_argument("--results", type=Path, default=None, help="default: results/<profile>")
+    p.add_argument("--folds", type=int, nargs="*", default=None,
+                   help="folds to run for per-fold steps (default: all)")
+    p.add_argument("--no-book", action="store_true", help="skip the book build")
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"wmhqc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Cross-validation folds stratified by site and lesion load.
+
+The authors' code took validation as the last 20 % of sorted indices, and one dataset never
+reached training. Here every subject is tested exactly once, and each fold's test, validation
+and training sets mix sites and lesion loads in proportion. The table is saved once and every
+notebook reads it, so all steps of a fold see the same split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+FOLD_COLUMNS = ["fold", "subject_id", "site", "load_bin", "split"]
+SPLITS = ("train", "val", "test")
+
+
+def _strata_order(frame: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+    """Row order grouped by site, then load bin, random within a group."""
+    tiebreak = rng.permutation(len(frame))
+    keys = pd.DataFrame({"site": frame["site"].to_numpy(), "bin": frame["load_bin"].to_numpy(),
+                         "r": tiebreak})
+    return keys.sort_values(["site", "bin", "r"], kind="stable").index.to_numpy()
+
+
+def load_bins(values: pd.Series, n_bins: int) -> np.ndarray:
+    """Quantile bins (0 .. n_bins-1) of lesion load; ties broken by rank, so bins stay balanced."""
+    if n_bins <= 1 or len(values) < n_bins:
+        return np.zeros(len(values), dtype=int)
+    ranks = values.rank(method="first").to_numpy() - 1
+    return np.floor(ranks * n_bins / len(values)).astype(int)
+
+
+def make_folds(subjects: pd.DataFrame, n_folds: int = 5, val_fraction: float = 0.1905,
+               n_load_bins: int = 3, seed: int = 0, load_column: str = "lesion_ml"
+               ) -> pd.DataFrame:
+    """Assign every subject to one test fold and, per fold, to train or validation.
+
+    Subjects are ordered by site and load bin (random inside a group) and dealt to test folds
+    in turn, so each fold holds each site and load range in proportion and fold sizes differ by
+    at most one. Within the rest of each fold, validation subjects are taken at evenly spaced
+    positions of the same ordering: ``round(val_fraction * n_rest)`` of them (16 of 84 for the
+    paper's 105 subjects, leaving 68 for training).
+
+    Returns a long table with one row per (fold, subject): ``FOLD_COLUMNS``; folds count from 1.
+    """
+    needed = {"subject_id", "site", load_column}
+    missing = needed - set(subjects.columns)
+    if missing:
+        raise ValueError(f"subjects table lacks columns {sorted(missing)}")
+    if subjects["subject_id"].duplicated().any():
+        dup = subjects.loc[subjects["subject_id"].duplicated(), "subject_id"].tolist()
+        raise ValueError(f"duplicate subject ids: {dup[:5]}")
+    n = len(subjects)
+    if n_folds < 2 or n < n_folds:
+        raise ValueError(f"cannot make {n_folds} folds from {n} subjects")
+    rng = np.random.default_rng([seed, 7])
+    frame = subjects[["subject_id", "site"]].reset_index(drop=True).copy()
+    frame["load_bin"] = load_bins(subjects[load_column].reset_index(drop=True), n_load_bins)
+    order = _strata_order(frame, rng)
+    start = int(rng.integers(n_folds))
+    test_fold = np.empty(n, dtype=int)
+    test_fold[order] = (np.arange(n) + start) % n_folds + 1
+
+    rows = []
+    for fold in range(1, n_folds + 1):
+        rest = order[test_fold[order] != fold]  # keeps the site/load ordering
+        n_val = int(round(val_fraction * len(rest)))
+        n_val = min(max(n_val, 1 if len(rest) > 1 else 0), len(rest) - 1)
+        split = np.full(n, "train", dtype=object)
+        split[test_fold == fold] = "test"
+        if n_val:
+            offset = rng.random()
+            picks = np.floor((np.arange(n_val) + offset) * len(rest) / n_val).astype(int)
+            split[rest[picks]] = "val"
+        part = frame.copy()
+        part.insert(0, "fold", fold)
+        part["split"] = split
+        rows.append(part)
+    return pd.concat(rows, ignore_index=True)[FOLD_COLUMNS]
+
+
+def fold_split(folds: pd.DataFrame, fold: int, split: str) -> list[str]:
+    """Subject ids of one split (``train``/``val``/``test``) of one fold."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if fold not in set(folds["fold"]):
+        raise ValueError(f"fold {fold} not in folds table (has {sorted(set(folds['fold']))})")
+    sel = folds[(folds["fold"] == fold) & (folds["split"] == split)]
+    return sel["subject_id"].tolist()
+
+
+def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
+    """Counts per fold and split (the table printed in the data notebook)."""
+    table = folds.pivot_table(index="fold", columns="split", values="subject_id",
+                              aggfunc="count", fill_value=0)
+    return table.reindex(columns=list(SPLITS), fill_value=0)

@@ -1,0 +1,302 @@
+"""The `make reproduce` chain: data, papermill-executed notebooks in order, then the book.
+
+Steps are declared once in :data:`STEPS`; a later chapter joins the chain by appending a
+:class:`Step`. A step is skipped when its notebook, parameters, upstream steps and (for the data
+step) input files are unchanged since its last success; a failing step stops only the steps that
+depend on it, and the run ends with a summary and a per-stage timing table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Profile, load_profile
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+BOOK_FILES = ("_config.yml", "_toc.yml", "book")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One notebook in the chain. ``per_fold`` steps run once per fold with a ``fold`` param."""
+
+    notebook: str  # file name in notebooks/
+    per_fold: bool = False
+    depends: tuple[str, ...] = ()  # notebooks whose outputs this one reads
+    watches_data: bool = False  # rerun when files under the data root change
+
+    @property
+    def name(self) -> str:
+        return Path(self.notebook).stem
+
+
+STEPS: list[Step] = [
+    Step("01_data.ipynb", watches_data=True),
+]
+
+
+@dataclass
+class StepResult:
+    step: str
+    fold: int | None
+    status: str  # ran / skipped / failed / blocked
+    seconds: float = 0.0
+    detail: str = ""
+    output: str = ""
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``results_dir`` holds all outputs of one profile."""
+
+    profile: Profile
+    data_root: Path
+    results_dir: Path
+    folds: list[int] = field(default_factory=list)
+    seed: int | None = None
+    build_book: bool = True
+    progress: bool = True
+
+    @property
+    def executed_dir(self) -> Path:
+        return self.results_dir / "notebooks"
+
+    @property
+    def stamp_dir(self) -> Path:
+        return self.results_dir / "stamps"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.results_dir / "logs"
+
+    @property
+    def book_dir(self) -> Path:
+        return self.results_dir / "book"
+
+
+def default_data_root(profile: Profile) -> Path:
+    """Where the embedded synthetic cohort of a profile lives (generated on first use)."""
+    return REPO_ROOT / "data" / f"synthetic-{profile.name}"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tree_stamp(root: Path) -> str:
+    """Digest of every file's path, size and mtime under ``root`` (cheap change detection)."""
+    entries = []
+    for dirpath, _, files in os.walk(root, followlinks=True):
+        for name in sorted(files):
+            p = Path(dirpath) / name
+            st = p.stat()
+            entries.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns))
+    return _digest(sorted(entries))
+
+
+def step_outputs(cfg: RunConfig, step: Step, fold: int | None) -> tuple[Path, Path, Path]:
+    """Executed notebook, stamp and log paths of one step (and fold)."""
+    tag = step.name if fold is None else f"{step.name}-fold{fold}"
+    folder = cfg.executed_dir if fold is None else cfg.executed_dir / f"fold{fold}"
+    return folder / step.notebook, cfg.stamp_dir / f"{tag}.json", cfg.log_dir / f"{tag}.log"
+
+
+def step_parameters(cfg: RunConfig, fold: int | None) -> dict:
+    params = {"profile_name": cfg.profile.name, "data_root": str(cfg.data_root),
+              "results_dir": str(cfg.results_dir), "seed": cfg.seed}
+    if fold is not None:
+        params["fold"] = fold
+    return params
+
+
+def library_digest() -> str:
+    """Digest of the helper library's code and profiles: a change there reruns the steps (their
+    own caches, such as preprocessed cases, keep the rerun cheap)."""
+    lib = Path(__file__).resolve().parent
+    files = sorted(list(lib.glob("*.py")) + list(lib.glob("*.yml")))
+    return _digest([(f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files])
+
+
+def _step_key(cfg: RunConfig, step: Step, fold: int | None, upstream: dict[str, str]) -> str:
+    parts = {
+        "notebook": hashlib.sha256((NOTEBOOK_DIR / step.notebook).read_bytes()).hexdigest(),
+        "library": library_digest(),
+        "params": step_parameters(cfg, fold),
+        "profile": cfg.profile.sections,
+        "upstream": {d: upstream.get(d, "") for d in step.depends},
+    }
+    if step.watches_data:
+        parts["data"] = _tree_stamp(cfg.data_root)
+    return _digest(parts)
+
+
+def _execute(cfg: RunConfig, step: Step, fold: int | None) -> None:
+    import papermill as pm
+
+    output, _, log = step_outputs(cfg, step, fold)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        pm.execute_notebook(str(NOTEBOOK_DIR / step.notebook), str(output),
+                            parameters=step_parameters(cfg, fold), cwd=str(REPO_ROOT),
+                            kernel_name="python3", progress_bar=cfg.progress,
+                            stdout_file=fh, stderr_file=fh, log_output=False)
+
+
+def _failure_detail(exc: Exception) -> str:
+    name = type(exc).__name__
+    cell = getattr(exc, "exec_count", None)
+    ename = getattr(exc, "ename", "")
+    evalue = getattr(exc, "evalue", str(exc))
+    where = f" in cell [{cell}]" if cell is not None else ""
+    return f"{name}{where}: {ename} {evalue}".strip()[:500]
+
+
+def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> list[StepResult]:
+    """Run every step in order; return what ran, was skipped, failed or was blocked."""
+    results: list[StepResult] = []
+    digests: dict[str, str] = {}  # step name -> combined digest of its (per-fold) runs
+    failed: set[str] = set()
+    folds = cfg.folds or list(range(1, cfg.profile.folds.n_folds + 1))
+    for step in steps:
+        fold_digests = []
+        for fold in (folds if step.per_fold else [None]):
+            label = step.name if fold is None else f"{step.name} fold {fold}"
+            output, stamp, log = step_outputs(cfg, step, fold)
+            blocked = [d for d in step.depends if d in failed]
+            if blocked:
+                results.append(StepResult(step.name, fold, "blocked",
+                                          detail=f"needs {', '.join(blocked)}"))
+                continue
+            key = _step_key(cfg, step, fold, digests)
+            if stamp.exists() and output.exists() and \
+                    json.loads(stamp.read_text()).get("key") == key:
+                print(f"[skip] {label}: unchanged since last run ({output})", flush=True)
+                results.append(StepResult(step.name, fold, "skipped", output=str(output)))
+                fold_digests.append(key)
+                continue
+            print(f"[run ] {label} -> {output} (log {log})", flush=True)
+            start = time.perf_counter()
+            stamp.unlink(missing_ok=True)
+            try:
+                _execute(cfg, step, fold)
+            except Exception as exc:  # papermill wraps the notebook's error
+                seconds = time.perf_counter() - start
+                detail = _failure_detail(exc)
+                print(f"[FAIL] {label} after {seconds:.0f} s: {detail}", flush=True)
+                results.append(StepResult(step.name, fold, "failed", seconds, detail,
+                                          str(output)))
+                failed.add(step.name)
+                continue
+            seconds = time.perf_counter() - start
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
+            print(f"[done] {label} in {seconds:.0f} s", flush=True)
+            results.append(StepResult(step.name, fold, "ran", seconds, output=str(output)))
+            fold_digests.append(key)
+        digests[step.name] = _digest(fold_digests)
+    return results
+
+
+def stage_book(cfg: RunConfig) -> Path:
+    """Lay out the book sources with the executed notebooks in place of the templates."""
+    import plotly
+
+    stage = cfg.book_dir
+    for name in BOOK_FILES:
+        src = REPO_ROOT / name
+        dst = stage / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    nb_dst = stage / "notebooks"
+    nb_dst.mkdir(parents=True, exist_ok=True)
+    for executed in cfg.executed_dir.glob("*.ipynb"):
+        shutil.copy2(executed, nb_dst / executed.name)
+    static = stage / "_static"
+    static.mkdir(exist_ok=True)
+    shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+                 static / "plotly.min.js")
+    return stage
+
+
+def build_book(cfg: RunConfig, strict: bool = True) -> Path:
+    """Build the HTML book from the staged sources; returns the path of its index page."""
+    stage = stage_book(cfg)
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(stage), "--builder",
+           "html"]
+    if strict:
+        cmd += ["--warningiserror", "--keep-going"]
+    log = cfg.log_dir / "book.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(stage))
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"jupyter-book build failed (log {log}):\n{tail}")
+    return stage / "_build" / "html" / "index.html"
+
+
+def timing_table(results: Sequence[StepResult]) -> str:
+    """Per-stage timing and status, as printed at the end of every run."""
+    lines = [f"{'stage':<28} {'fold':>4} {'status':<8} {'seconds':>8}  detail"]
+    for r in results:
+        fold = "" if r.fold is None else str(r.fold)
+        lines.append(f"{r.step:<28} {fold:>4} {r.status:<8} {r.seconds:>8.1f}  {r.detail}")
+    return "\n".join(lines)
+
+
+def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
+              results_dir: str | Path | None = None, folds: Sequence[int] = (),
+              seed: int | None = None, build: bool = True) -> int:
+    """Synthesize data if needed, run every step, build the book; returns an exit code."""
+    from . import synth
+
+    profile = load_profile(profile_name)
+    results = []
+    overall = time.perf_counter()
+    if data_root is None:
+        data_root = default_data_root(profile)
+        start = time.perf_counter()
+        fresh = not (Path(data_root) / synth.MARKER_FILE).exists()
+        print(f"[data] synthetic cohort for profile '{profile.name}' at {data_root}"
+              + (" (generating)" if fresh else " (exists)"), flush=True)
+        synth.generate_cohort(data_root, profile)
+        results.append(StepResult("synthesize data", None, "ran" if fresh else "skipped",
+                                  time.perf_counter() - start))
+    cfg = RunConfig(profile=profile, data_root=Path(data_root).resolve(),
+                    results_dir=Path(results_dir or REPO_ROOT / "results" / profile.name).resolve(),
+                    folds=list(folds), seed=seed)
+    results += run_steps(cfg)
+    failed = [r for r in results if r.status in ("failed", "blocked")]
+    if build and not failed:
+        start = time.perf_counter()
+        try:
+            index = build_book(cfg)
+            results.append(StepResult("book", None, "ran", time.perf_counter() - start))
+            print(f"[book] {index}", flush=True)
+        except RuntimeError as exc:
+            results.append(StepResult("book", None, "failed", time.perf_counter() - start,
+                                      str(exc).splitlines()[0]))
+            print(exc, file=sys.stderr)
+            failed.append(results[-1])
+    results.append(StepResult("total", None, "", time.perf_counter() - overall))
+    print("\n" + timing_table(results), flush=True)
+    if failed:
+        print(f"\n{len(failed)} step(s) failed or were blocked; executed notebooks of failed "
+              f"steps are kept for reading under {cfg.executed_dir}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,634 @@
+"""A synthetic WMH cohort that stands in for the paper's 105 subjects when the real data is absent.
+
+The public datasets cannot be downloaded everywhere (not from CI, often not from a hospital
+network), so the project simulates a cohort with the properties that matter for segmentation
+QC and writes it in the *native layouts* of the four public datasets. The readers in
+:mod:`wmhqc_lib.datasets` then load synthetic and real data through one code path.
+
+What is simulated, per subject:
+
+* anatomy from the MNI152 2009 T1/GM/WM templates shipped inside nilearn, with a smooth random
+  deformation, a per-axis size change and a head pose (rotation, shift);
+* lesions in white matter: periventricular caps and rims (confluent at high load) and deep
+  punctate or ovoid lesions; load drawn from a log-normal matched to the paper's cohort
+  (1.48 % +- 1.41 % of brain volume); soft edges (partial volume);
+* seven scanner sites mirroring paper Table 2: voxel size and field of view (scaled by the
+  profile's ``voxel_scale``), orientation, contrast, noise, bias field, slice-profile blur,
+  and separate T1 and FLAIR grids where the real site has them;
+* what makes segmentation hard, in a minority of subjects: only tiny lesions, low lesion
+  contrast, strong noise, a ghosting artefact, two raters who disagree at borders (ISBI-like),
+  seven raters plus a consensus (MSSEG-like), and "other pathology" (label 2) in MICCAI-like
+  subjects.
+
+Nothing here decides which segmentations fail: that is for the network. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nilearn import datasets as nl_datasets
+from nilearn.image import resample_img
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from .config import Profile, SynthSettings
+from .datasets import layout_paths
+
+MARKER_FILE = "SYNTHETIC_COHORT.json"
+SUBJECTS_FILE = "SYNTHETIC_COHORT.csv"
+GENERATOR_VERSION = 1
+
+# Relative tissue intensities before site gain. FLAIR suppresses CSF; lesions are bright on
+# FLAIR and dark on T1 relative to white matter.
+FLAIR_TISSUE = {"wm": 0.50, "gm": 0.66, "csf": 0.06, "lesion": 1.15, "scalp": 0.55,
+                "skull": 0.03}
+T1_TISSUE = {"wm": 0.85, "gm": 0.55, "csf": 0.18, "lesion": 0.55, "scalp": 0.92, "skull": 0.05}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One acquisition grid: voxel size (mm) and matrix per array axis, and axis directions."""
+
+    voxel_mm: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    axcodes: tuple[str, str, str]  # nibabel codes: which world direction each array axis runs
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A simulated scanner site: paper Table 2 geometry plus contrast and noise character."""
+
+    dataset: str
+    site: str
+    scanner: str
+    n_subjects: int
+    flair: Grid
+    t1: Grid | None  # None: T1 shares the FLAIR grid
+    gain: float  # intensity units of the written files
+    noise: float  # Rician noise sigma relative to white matter intensity
+    bias: float  # amplitude of the smooth log bias field
+    lesion_contrast: float  # multiplies the FLAIR lesion-minus-WM contrast
+    ms_lesions: bool  # MS-like ovoid lesions rather than vascular caps and rims
+    dtype: str = "int16"
+
+
+# Geometry from paper Table 2 (voxel sizes and matrix sizes of T1 & FLAIR). The MSSEG Siemens
+# FLAIR slice thickness is printed as 0.11 mm in the paper; 1.1 mm is assumed.
+SITES: tuple[SiteSpec, ...] = (
+    SiteSpec("miccai17", "Utrecht", "3T Philips Achieva", 20,
+             Grid((0.96, 0.95, 3.00), (240, 240, 48), ("L", "A", "S")), None,
+             1000.0, 0.030, 0.15, 1.00, False),
+    SiteSpec("miccai17", "Singapore", "3T Siemens TrioTim", 20,
+             Grid((1.00, 1.00, 3.00), (232, 256, 48), ("R", "A", "S")), None,
+             600.0, 0.035, 0.20, 0.90, False),
+    SiteSpec("miccai17", "GE3T", "3T GE Signa HDxt", 20,
+             Grid((0.98, 0.98, 1.20), (132, 256, 83), ("R", "A", "S")), None,
+             1500.0, 0.025, 0.10, 1.10, False),
+    SiteSpec("isbi15", "ISBI", "3T Philips", 5,
+             Grid((1.00, 1.00, 1.00), (181, 217, 181), ("R", "A", "S")), None,
+             1.0, 0.020, 0.05, 1.00, True, dtype="float32"),
+    SiteSpec("msseg16", "Center_01", "3T Philips Ingenia", 5,
+             Grid((0.74, 0.74, 0.70), (336, 336, 261), ("L", "P", "S")),
+             Grid((0.74, 0.74, 0.85), (336, 336, 261), ("L", "P", "S")),
+             800.0, 0.030, 0.20, 0.95, True),
+    SiteSpec("msseg16", "Center_07", "3T Siemens Verio", 5,
+             Grid((0.50, 0.50, 1.10), (512, 512, 144), ("R", "A", "S")),
+             Grid((1.00, 1.00, 1.00), (256, 256, 176), ("A", "S", "L")),
+             1200.0, 0.035, 0.25, 0.85, True),
+    SiteSpec("ljubljana", "Ljubljana", "3T Siemens Magnetom Trio", 30,
+             Grid((0.80, 0.47, 0.47), (192, 512, 512), ("R", "A", "S")),
+             Grid((0.42, 0.42, 3.30), (512, 512, 47), ("L", "A", "S")),
+             700.0, 0.030, 0.15, 1.00, True),
+)
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """What will be simulated for one subject; saved to ``SYNTHETIC_COHORT.csv``."""
+
+    index: int
+    dataset: str
+    site: str
+    local_id: str
+    load_pct: float  # target lesion load, % of brain volume
+    punctate_share: float
+    tiny_lesions: bool
+    low_contrast: bool
+    high_noise: bool
+    ghosting: bool
+    other_pathology: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Template anatomy at the working resolution
+
+
+@dataclass
+class _Template:
+    affine: np.ndarray  # working grid voxel -> template mm
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray  # CSF inside the brain mask (ventricles, sulci)
+    ventricles: np.ndarray  # float 0/1, lateral ventricles
+    dist_out: np.ndarray  # mm from the brain surface, 0 inside
+    centre: np.ndarray  # brain centre, working voxel coordinates
+
+
+@lru_cache(maxsize=4)
+def _template(working_mm: float) -> _Template:
+    """MNI152 tissue maps resampled to the working grid (cached per process)."""
+    brain = nl_datasets.load_mni152_brain_mask(resolution=1)
+    gm = nl_datasets.load_mni152_gm_template(resolution=1)
+    wm = nl_datasets.load_mni152_wm_template(resolution=1)
+    src_affine = brain.affine
+    shape = np.ceil(np.array(brain.shape) / working_mm).astype(int)
+    affine = src_affine.copy()
+    affine[:3, :3] = np.diag([working_mm] * 3)
+
+    def to_working(img: nib.Nifti1Image) -> np.ndarray:
+        img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+        out = resample_img(img, target_affine=affine, target_shape=tuple(shape),
+                           interpolation="continuous", force_resample=True, copy_header=True)
+        return np.clip(np.asarray(out.dataobj, dtype=np.float32), 0.0, 1.0)
+
+    b, g, w = to_working(brain), to_working(gm), to_working(wm)
+    csf = np.clip(b - g - w, 0.0, 1.0)
+    inside = b > 0.5
+    depth_mm = ndi.distance_transform_edt(inside) * working_mm
+    vent = (csf > 0.6) & (depth_mm > 20.0)
+    labels, n = ndi.label(vent)
+    if n:
+        sizes = ndi.sum(vent, labels, np.arange(1, n + 1))
+        keep = np.flatnonzero(sizes * working_mm**3 > 800.0) + 1
+        vent = np.isin(labels, keep)
+    dist_out = ndi.distance_transform_edt(~inside).astype(np.float32) * working_mm
+    centre = np.array(ndi.center_of_mass(inside))
+    return _Template(affine, g, w, csf, vent.astype(np.float32), dist_out, centre)
+
+
+# ---------------------------------------------------------------------------------------------
+# One subject in its own (deformed template) space
+
+
+@dataclass
+class SubjectAnatomy:
+    """Tissue maps and lesions of one subject on the working grid (mm affine ``affine``)."""
+
+    affine: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    dist_out: np.ndarray
+    lesion: np.ndarray  # bool, lesion voxels
+    lesion_soft: np.ndarray  # float, partial-volume lesion fraction
+    other: np.ndarray  # bool, "other pathology" region (label 2)
+    other_core: np.ndarray  # bool, fluid-filled core of that region
+
+    @property
+    def brain(self) -> np.ndarray:
+        return (self.gm + self.wm + self.csf) > 0.5
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float
+                  ) -> np.ndarray:
+    field = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    sd = float(field.std())
+    return field / sd if sd > 0 else field
+
+
+def _deform(tpl: _Template, rng: np.random.Generator, working_mm: float) -> dict[str, np.ndarray]:
+    """Warp the template maps with a per-axis scaling and a smooth random displacement."""
+    shape = tpl.gm.shape
+    scale = rng.uniform(0.92, 1.08, size=3)
+    grid = np.indices(shape, dtype=np.float32)
+    coords = np.empty_like(grid)
+    for ax in range(3):
+        # ~3 mm smooth displacement with a ~10 mm correlation length
+        disp = _smooth_noise(rng, shape, 10.0 / working_mm) * (3.0 / working_mm)
+        coords[ax] = tpl.centre[ax] + (grid[ax] - tpl.centre[ax]) / scale[ax] + disp
+    out = {}
+    for name in ("gm", "wm", "csf", "ventricles", "dist_out"):
+        src = getattr(tpl, name)
+        cval = float(src.max()) if name == "dist_out" else 0.0
+        out[name] = ndi.map_coordinates(src, coords, order=1, mode="constant", cval=cval,
+                                        prefilter=False).astype(np.float32)
+    return out
+
+
+def _ellipsoid(shape: tuple[int, int, int], centre: np.ndarray, radii_vox: np.ndarray
+               ) -> tuple[tuple[slice, ...], np.ndarray]:
+    lo = np.maximum(np.floor(centre - radii_vox - 1).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + radii_vox + 2).astype(int), shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    idx = np.indices(hi - lo, dtype=np.float32)
+    r2 = sum(((idx[i] + lo[i] - centre[i]) / radii_vox[i]) ** 2 for i in range(3))
+    return sl, r2 <= 1.0
+
+
+def simulate_anatomy(plan: SubjectPlan, settings: SynthSettings, rng: np.random.Generator,
+                     ms_lesions: bool) -> SubjectAnatomy:
+    """Deform the template and grow lesions to the planned load (all on the working grid)."""
+    w = settings.working_mm
+    tpl = _template(w)
+    maps = _deform(tpl, rng, w)
+    gm, wm, csf = maps["gm"], maps["wm"], maps["csf"]
+    brain = (gm + wm + csf) > 0.5
+    vent = maps["ventricles"] > 0.5
+    brain_vox = int(brain.sum())
+    target_vox = int(round(brain_vox * plan.load_pct / 100.0))
+
+    lesion = np.zeros(gm.shape, dtype=bool)
+    candidate = (wm > 0.55) & ~vent
+    dist_v = ndi.distance_transform_edt(~vent).astype(np.float32) * w if vent.any() else \
+        np.full(gm.shape, 50.0, np.float32)
+
+    # Periventricular caps and rims: closest to the ventricles, strongest at the horns,
+    # broken up by a smooth random field; a larger load spreads outwards and becomes confluent.
+    n_pv = int(round(target_vox * (1.0 - plan.punctate_share)))
+    if n_pv > 0 and not plan.tiny_lesions:
+        ys = np.flatnonzero(vent.any(axis=(0, 2)))
+        y = np.arange(gm.shape[1], dtype=np.float32)[None, :, None]
+        horn = np.zeros_like(y)
+        if ys.size:
+            horn = np.exp(-(((y - ys.min()) * w / 12.0) ** 2)) + \
+                np.exp(-(((y - ys.max()) * w / 12.0) ** 2))
+        length = rng.uniform(4.0, 8.0)
+        score = -dist_v / length + 0.8 * horn + 0.7 * _smooth_noise(rng, gm.shape, 3.0 / w)
+        score = np.where(candidate, score, -np.inf)
+        n_pv = min(n_pv, int(candidate.sum()))
+        if n_pv > 0:
+            flat = score.ravel()
+            top = np.argpartition(flat, -n_pv)[-n_pv:]
+            lesion.ravel()[top] = True
+            lesion &= np.isfinite(score)
+
+    # Deep punctate (vascular) or ovoid (MS) lesions in deep white matter.
+    deep = np.argwhere((wm > 0.8) & (dist_v > 6.0) & ~lesion)
+    n_deep_target = target_vox - int(lesion.sum())
+    r_lo, r_hi = (1.5, 4.5) if ms_lesions else (1.0, 3.0)
+    if plan.tiny_lesions:
+        r_lo, r_hi = 0.8, 2.0
+    grown = 0
+    guard = 0
+    while grown < n_deep_target and deep.size and guard < 2000:
+        guard += 1
+        centre = deep[rng.integers(len(deep))].astype(np.float32)
+        radii = np.maximum(rng.uniform(r_lo, r_hi) * rng.uniform(0.7, 1.4, size=3) / w, 0.6)
+        sl, ball = _ellipsoid(gm.shape, centre, radii)
+        new = ball & (wm[sl] > 0.45) & ~lesion[sl]
+        lesion[sl] |= new
+        grown += int(new.sum())
+
+    # Other pathology (MICCAI label 2): an infarct-like region at the grey/white boundary with a
+    # fluid core and a gliotic rim; hyperintense rim on FLAIR, so it looks lesion-like.
+    other = np.zeros(gm.shape, dtype=bool)
+    core = np.zeros(gm.shape, dtype=bool)
+    if plan.other_pathology:
+        spots = np.argwhere((gm > 0.35) & (wm > 0.3) & ~lesion)
+        if spots.size:
+            centre = spots[rng.integers(len(spots))].astype(np.float32)
+            radius = rng.uniform(5.0, 10.0) / w
+            sl, ball = _ellipsoid(gm.shape, centre, np.full(3, radius) * rng.uniform(0.8, 1.2, 3))
+            other[sl] = ball & brain[sl]
+            sl_core, inner = _ellipsoid(gm.shape, centre, np.full(3, radius * 0.55))
+            core[sl_core] = inner
+            core &= other
+            lesion &= ~other
+
+    soft = ndi.gaussian_filter(lesion.astype(np.float32), 0.45)
+    soft = np.maximum(soft, lesion * 0.5)  # keep every lesion voxel at least half lesion
+    return SubjectAnatomy(tpl.affine, gm, wm, csf, maps["dist_out"], lesion, soft, other, core)
+
+
+def tissue_image(anat: SubjectAnatomy, tissue: dict[str, float], lesion_value: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Clean intensity image on the working grid from tissue fractions (no noise, no bias)."""
+    d = anat.dist_out
+    skull = (d > 2.0) & (d <= 7.0)
+    scalp = np.clip((d - 7.0) / 1.5, 0, 1) * np.clip((13.0 - d) / 1.5, 0, 1)
+    img = (anat.wm * tissue["wm"] + anat.gm * tissue["gm"] + anat.csf * tissue["csf"])
+    outer_csf = (d > 0) & (d <= 2.0)
+    img = np.where(outer_csf, tissue["csf"], img)
+    img = np.where(skull, tissue["skull"], img)
+    img = img + scalp * tissue["scalp"] * (d > 7.0)
+    texture = 1.0 + 0.06 * _smooth_noise(rng, img.shape, 1.5)
+    les = lesion_value * texture
+    img = img * (1.0 - anat.lesion_soft) + les * anat.lesion_soft
+    if anat.other.any():
+        rim_value = max(tissue["lesion"], tissue["wm"]) if lesion_value > tissue["wm"] else \
+            tissue["lesion"]
+        img = np.where(anat.other, rim_value, img)
+        img = np.where(anat.other_core, tissue["csf"], img)
+    return img.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling a site grid
+
+
+def native_affine(grid: Grid, rng: np.random.Generator) -> np.ndarray:
+    """Voxel-to-scanner affine: axis directions from ``axcodes``, centre near the origin."""
+    world_axis = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1),
+                  "I": (2, -1)}
+    aff = np.eye(4)
+    aff[:3, :3] = 0.0
+    for i, code in enumerate(grid.axcodes):
+        ax, sign = world_axis[code]
+        aff[ax, i] = sign * grid.voxel_mm[i]
+    centre_vox = (np.array(grid.shape) - 1) / 2.0
+    aff[:3, 3] = -aff[:3, :3] @ centre_vox + rng.uniform(-10, 10, size=3)
+    return aff
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    a = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
+    cx, cy, cz = np.cos(a)
+    sx, sy, sz = np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@dataclass
+class Pose:
+    """Where the subject's head sits in the scanner: scanner mm -> subject (working) mm."""
+
+    matrix: np.ndarray  # 4x4
+
+    @classmethod
+    def random(cls, anat: SubjectAnatomy, rng: np.random.Generator) -> Pose:
+        head = np.argwhere(anat.dist_out <= 12.0)
+        centre_vox = (head.min(axis=0) + head.max(axis=0)) / 2.0
+        centre_mm = anat.affine[:3, :3] @ centre_vox + anat.affine[:3, 3]
+        m = np.eye(4)
+        m[:3, :3] = _rotation(rng, 8.0)
+        m[:3, 3] = centre_mm + rng.uniform(-5, 5, size=3)
+        return cls(m)
+
+
+def fit_grid(grid: Grid, working_mm: float, scale: float) -> Grid:
+    """Scale a Table 2 grid by ``scale``; widen its matrix where the largest simulated head
+    (template head, +8 % size, rotated) would not fit, so every subject of a site shares one
+    matrix, as on a real scanner protocol."""
+    tpl = _template(working_mm)
+    head = np.argwhere(tpl.dist_out <= 13.0)
+    extent_mm = (head.max(axis=0) - head.min(axis=0) + 1) * working_mm * 1.08 * 1.1 + 10.0
+    world_axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    voxel = tuple(round(v * scale, 4) for v in grid.voxel_mm)
+    shape = []
+    for i in range(3):
+        need = extent_mm[world_axis[grid.axcodes[i]]] / voxel[i]
+        shape.append(int(max(round(grid.shape[i] / scale), np.ceil(need))))
+    return Grid(voxel, tuple(shape), grid.axcodes)
+
+
+def sample_to_grid(volume: np.ndarray, anat: SubjectAnatomy, pose: Pose, affine: np.ndarray,
+                   grid: Grid, *, blur: bool, order: int = 1) -> np.ndarray:
+    """Resample a working-grid volume onto a site grid, blurring by the slice profile first."""
+    w = abs(anat.affine[0, 0])
+    if blur:
+        world_axis = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+        sigma = np.zeros(3)
+        for i, code in enumerate(grid.axcodes):
+            v = grid.voxel_mm[i]
+            sigma[world_axis[code]] = np.sqrt(max(v * v - w * w, 0.0)) / 2.355 / w
+        volume = ndi.gaussian_filter(volume, sigma)
+    full = np.linalg.inv(anat.affine) @ pose.matrix @ affine
+    return ndi.affine_transform(volume, full[:3, :3], offset=full[:3, 3],
+                                output_shape=grid.shape, order=order, mode="constant",
+                                cval=0.0, prefilter=False).astype(np.float32)
+
+
+def _bias_field(shape: tuple[int, int, int], amplitude: float, rng: np.random.Generator
+                ) -> np.ndarray:
+    u = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    x, y, z = u[0][:, None, None], u[1][None, :, None], u[2][None, None, :]
+    a = rng.normal(0, amplitude, size=7).astype(np.float32)
+    log_field = a[0] * x + a[1] * y + a[2] * z + a[3] * x * x + a[4] * y * y + a[5] * z * z \
+        + a[6] * x * y
+    return np.exp(log_field)
+
+
+def acquire(clean: np.ndarray, site: SiteSpec, grid: Grid, noise_scale: float,
+            rng: np.random.Generator, ghosting: float = 0.0) -> np.ndarray:
+    """Bias field, optional ghosting, Rician noise and site gain on a sampled clean image."""
+    img = clean * _bias_field(grid.shape, site.bias, rng)
+    if ghosting > 0:
+        img = img + ghosting * np.roll(img, grid.shape[1] // 2, axis=1)
+    sigma = site.noise * noise_scale * 0.5  # white matter sits near 0.5 on FLAIR
+    img = np.sqrt((img + rng.normal(0, sigma, img.shape).astype(np.float32)) ** 2
+                  + rng.normal(0, sigma, img.shape).astype(np.float32) ** 2)
+    img = img * site.gain
+    if site.dtype == "int16":
+        return np.clip(np.rint(img), 0, 32767).astype(np.int16)
+    return img.astype(np.float32)
+
+
+def rater_masks(soft: np.ndarray, n: int, rng: np.random.Generator, sigma_vox: float = 1.0,
+                amount: float = 0.3) -> list[np.ndarray]:
+    """Masks of raters who agree on lesion cores and disagree at borders and on tiny lesions."""
+    out = []
+    for _ in range(n):
+        noise = ndi.gaussian_filter(rng.standard_normal(soft.shape).astype(np.float32),
+                                    sigma_vox)
+        noise /= max(float(noise.std()), 1e-6)
+        out.append(((soft + amount * noise * (soft > 0.02)) > 0.5).astype(np.uint8))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohort
+
+
+def plan_cohort(settings: SynthSettings, seed: int) -> list[SubjectPlan]:
+    """Decide every subject's site, lesion load and hard-case conditions (no image work)."""
+    rng = np.random.default_rng([seed, 0])
+    mean, sd = settings.lesion_load_mean_pct, settings.lesion_load_sd_pct
+    s2 = np.log(1.0 + (sd / mean) ** 2)
+    mu = np.log(mean) - s2 / 2.0
+    hard = settings.hard_cases
+    plans: list[SubjectPlan] = []
+    for site in SITES:
+        n = max(settings.min_subjects_per_site,
+                int(round(site.n_subjects * settings.subjects_scale)))
+        for k in range(n):
+            tiny = bool(rng.random() < hard.get("tiny_lesions", 0.0))
+            load = float(rng.uniform(0.02, 0.12)) if tiny else \
+                float(np.clip(rng.lognormal(mu, np.sqrt(s2)), 0.05, 8.0))
+            share = float(rng.uniform(0.4, 0.8) if site.ms_lesions else rng.uniform(0.1, 0.35))
+            plans.append(SubjectPlan(
+                index=len(plans), dataset=site.dataset, site=site.site,
+                local_id=_local_id(site, k), load_pct=load, punctate_share=1.0 if tiny else share,
+                tiny_lesions=tiny,
+                low_contrast=bool(rng.random() < hard.get("low_contrast", 0.0)),
+                high_noise=bool(rng.random() < hard.get("high_noise", 0.0)),
+                ghosting=bool(rng.random() < hard.get("ghosting", 0.0)),
+                other_pathology=bool(site.dataset == "miccai17"
+                                     and rng.random() < hard.get("other_pathology", 0.0)),
+            ))
+    return plans
+
+
+def _local_id(site: SiteSpec, k: int) -> str:
+    if site.dataset == "miccai17":
+        base = {"Utrecht": 0, "Singapore": 50, "GE3T": 100}[site.site]
+        return str(base + k)
+    if site.dataset == "isbi15":
+        return f"training{k + 1:02d}"
+    if site.dataset == "msseg16":
+        return f"Patient_{k + 1:02d}"
+    return f"patient{k + 1:02d}"
+
+
+def _site(plan: SubjectPlan) -> SiteSpec:
+    return next(s for s in SITES if s.dataset == plan.dataset and s.site == plan.site)
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def generate_subject(plan: SubjectPlan, settings: SynthSettings, seed: int, root: Path) -> dict:
+    """Simulate one subject and write its files in its dataset's native layout."""
+    rng = np.random.default_rng([seed, 1, plan.index])
+    site = _site(plan)
+    anat = simulate_anatomy(plan, settings, rng, site.ms_lesions)
+    contrast = site.lesion_contrast * (0.35 if plan.low_contrast else 1.0)
+    flair_lesion = FLAIR_TISSUE["wm"] + contrast * (FLAIR_TISSUE["lesion"] - FLAIR_TISSUE["wm"])
+    t1_lesion = T1_TISSUE["wm"] + contrast * (T1_TISSUE["lesion"] - T1_TISSUE["wm"])
+    noise_scale = 3.0 if plan.high_noise else 1.0
+    ghost = float(rng.uniform(0.12, 0.25)) if plan.ghosting else 0.0
+    timepoints = settings.isbi_timepoints if site.dataset == "isbi15" else 1
+    ds_root = root / site.dataset
+    brain_voxels = int(anat.brain.sum())
+    lesion_voxels = int(anat.lesion.sum())
+
+    for tp in range(1, timepoints + 1):
+        if tp > 1:  # follow-up: lesions evolve a little, new head position
+            grow = ndi.binary_dilation(anat.lesion, iterations=1) & (anat.wm > 0.5)
+            keep = rng.random(anat.lesion.shape) < 0.35
+            anat.lesion = anat.lesion | (grow & keep)
+            anat.lesion_soft = np.maximum(ndi.gaussian_filter(anat.lesion.astype(np.float32), 0.45),
+                                          anat.lesion * 0.5)
+        pose = Pose.random(anat, rng)
+        flair_grid = fit_grid(site.flair, settings.working_mm, settings.voxel_scale)
+        t1_grid = fit_grid(site.t1, settings.working_mm, settings.voxel_scale) if site.t1 \
+            else flair_grid
+        flair_aff = native_affine(flair_grid, rng)
+        t1_aff = native_affine(t1_grid, rng) if site.t1 else flair_aff
+
+        flair_clean = sample_to_grid(tissue_image(anat, FLAIR_TISSUE, flair_lesion, rng), anat,
+                                     pose, flair_aff, flair_grid, blur=True)
+        t1_clean = sample_to_grid(tissue_image(anat, T1_TISSUE, t1_lesion, rng), anat, pose,
+                                  t1_aff, t1_grid, blur=True)
+        flair = acquire(flair_clean, site, flair_grid, noise_scale, rng, ghosting=ghost)
+        t1 = acquire(t1_clean, site, t1_grid, noise_scale, rng)
+        soft = sample_to_grid(anat.lesion_soft, anat, pose, flair_aff, flair_grid, blur=False)
+        mask = (soft > 0.5).astype(np.uint8)
+        if anat.other.any():
+            other = sample_to_grid(anat.other.astype(np.float32), anat, pose, flair_aff,
+                                   flair_grid, blur=False) > 0.5
+            mask[other] = 2
+
+        tp_id = f"{tp:02d}"
+        paths = layout_paths(site.dataset, ds_root, site.site, plan.local_id, timepoint=tp_id)
+        _save(flair, flair_aff, paths["flair"])
+        _save(t1, t1_aff, paths["t1"])
+        if site.dataset == "isbi15":
+            r1, r2 = rater_masks(soft, 2, rng)
+            _save(r1, flair_aff, paths["rater1"])
+            _save(r2, flair_aff, paths["rater2"])
+        else:
+            _save(mask, flair_aff, paths["mask"])
+        if site.dataset == "msseg16":
+            for path, rater in zip(paths["raters"], rater_masks(soft, len(paths["raters"]), rng),
+                                   strict=True):
+                _save(rater, flair_aff, path)
+        if "brain_mask" in paths:
+            brain = sample_to_grid(anat.brain.astype(np.float32), anat, pose, flair_aff,
+                                   flair_grid, blur=False) > 0.5
+            _save(brain.astype(np.uint8), flair_aff, paths["brain_mask"])
+
+    row = asdict(plan)
+    row.update(simulated_brain_ml=brain_voxels * settings.working_mm**3 / 1000.0,
+               simulated_lesion_ml=lesion_voxels * settings.working_mm**3 / 1000.0,
+               simulated_load_pct=100.0 * lesion_voxels / max(brain_voxels, 1))
+    return row
+
+
+def _worker(args: tuple[SubjectPlan, SynthSettings, int, str]) -> dict:
+    plan, settings, seed, root = args
+    return generate_subject(plan, settings, seed, Path(root))
+
+
+def _marker(profile: Profile) -> dict:
+    return {"synthetic": True, "generator_version": GENERATOR_VERSION,
+            "profile": profile.name, "seed": profile.seed,
+            "settings": asdict(profile.synth),
+            "note": "Synthetic cohort simulated by wmhqc from the MNI152 templates; "
+                    "not patient data. Results computed on it are synthetic results."}
+
+
+def generate_cohort(out: str | Path, profile: Profile, *, workers: int | None = None,
+                    progress: bool = True, force: bool = False) -> pd.DataFrame:
+    """Write the whole synthetic cohort under ``out`` (one folder per dataset layout).
+
+    Returns the per-subject simulation table (also written to ``SYNTHETIC_COHORT.csv``). A
+    finished cohort with the same settings is not regenerated unless ``force``; the marker
+    file is written last, so an interrupted run starts again.
+    """
+    out = Path(out)
+    marker_path = out / MARKER_FILE
+    wanted = _marker(profile)
+    if marker_path.exists() and not force:
+        have = json.loads(marker_path.read_text())
+        if {k: have.get(k) for k in ("generator_version", "seed", "settings")} == \
+                {k: wanted[k] for k in ("generator_version", "seed", "settings")}:
+            return pd.read_csv(out / SUBJECTS_FILE)
+        raise FileExistsError(f"{out}: holds a synthetic cohort made with other settings "
+                              f"(profile {have.get('profile')!r}); pick another folder or force")
+    out.mkdir(parents=True, exist_ok=True)
+    marker_path.unlink(missing_ok=True)
+    plans = plan_cohort(profile.synth, profile.seed)
+    jobs = [(p, profile.synth, profile.seed, str(out)) for p in plans]
+    workers = workers or profile.synth.workers
+    start = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="synthesizing subjects", disable=not progress,
+               unit="subject")
+    rows: list[dict] = []
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            for row in pool.imap(_worker, jobs):
+                rows.append(row)
+                bar.update()
+    else:
+        for job in jobs:
+            rows.append(_worker(job))
+            bar.update()
+    bar.close()
+    table = pd.DataFrame(rows)
+    table.to_csv(out / SUBJECTS_FILE, index=False)
+    wanted["seconds"] = round(time.perf_counter() - start, 1)
+    marker_path.write_text(json.dumps(wanted, indent=2))
+    return table
+
+
+def is_synthetic_root(root: str | Path) -> bool:
+    """True when ``root`` (or its parent) carries the synthetic-cohort marker."""
+    root = Path(root)
+    return (root / MARKER_FILE).exists() or (root.parent / MARKER_FILE).exists()
