@@ -23,8 +23,39 @@ def _strata_order(frame: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
     return keys.sort_values(["site", "bin", "r"], kind="stable").index.to_numpy()
 
 
+def _deal_test_folds(frame: pd.DataFrame, n_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy balanced dealing: each subject, in site/load-bin order, goes to the fold that has
+    the fewest subjects of its (site, bin) cell, then of its site, then of its load bin, then
+    overall, never past ``ceil(n / n_folds)``; remaining ties are broken at random (seeded).
+    Dealing site by site alone would leave every site's leftover low-load subjects in the same
+    folds whenever site sizes are multiples of the fold count (the paper's 20/20/20/5/5/5/30)."""
+    n = len(frame)
+    cap = -(-n // n_folds)
+    sites = frame["site"].to_numpy()
+    bins = frame["load_bin"].to_numpy()
+    total = np.zeros(n_folds, dtype=int)
+    per_site: dict = {}
+    per_bin: dict = {}
+    per_cell: dict = {}
+    fold_of = np.empty(n, dtype=int)
+    for i in _strata_order(frame, rng):
+        s, b = sites[i], bins[i]
+        cell = per_cell.setdefault((s, b), np.zeros(n_folds, dtype=int))
+        site = per_site.setdefault(s, np.zeros(n_folds, dtype=int))
+        load = per_bin.setdefault(b, np.zeros(n_folds, dtype=int))
+        keys = np.lexsort((rng.random(n_folds), total, load, site, cell, total >= cap))
+        f = int(keys[0])
+        fold_of[i] = f
+        for counts in (total, cell, site, load):
+            counts[f] += 1
+    return fold_of + 1
+
+
 def load_bins(values: pd.Series, n_bins: int) -> np.ndarray:
     """Quantile bins (0 .. n_bins-1) of lesion load; ties broken by rank, so bins stay balanced."""
+    if values.isna().any():
+        raise ValueError("lesion load is missing (NaN) for row(s) "
+                         f"{values.index[values.isna()].tolist()[:5]}")
     if n_bins <= 1 or len(values) < n_bins:
         return np.zeros(len(values), dtype=int)
     ranks = values.rank(method="first").to_numpy() - 1
@@ -36,9 +67,9 @@ def make_folds(subjects: pd.DataFrame, n_folds: int = 5, val_fraction: float = 0
                ) -> pd.DataFrame:
     """Assign every subject to one test fold and, per fold, to train or validation.
 
-    Subjects are ordered by site and load bin (random inside a group) and dealt to test folds
-    in turn, so each fold holds each site and load range in proportion and fold sizes differ by
-    at most one. Within the rest of each fold, validation subjects are taken at evenly spaced
+    Subjects are dealt to test folds so that each fold holds each site, each load range and
+    each (site, load) cell in proportion, and fold sizes differ by at most one. Within the rest
+    of each fold, validation subjects are taken at evenly spaced
     positions of the same ordering: ``round(val_fraction * n_rest)`` of them (16 of 84 for the
     paper's 105 subjects, leaving 68 for training).
 
@@ -56,11 +87,13 @@ def make_folds(subjects: pd.DataFrame, n_folds: int = 5, val_fraction: float = 0
         raise ValueError(f"cannot make {n_folds} folds from {n} subjects")
     rng = np.random.default_rng([seed, 7])
     frame = subjects[["subject_id", "site"]].reset_index(drop=True).copy()
-    frame["load_bin"] = load_bins(subjects[load_column].reset_index(drop=True), n_load_bins)
+    loads = subjects[load_column].reset_index(drop=True)
+    if loads.isna().any():
+        missing = frame.loc[loads.isna(), "subject_id"].tolist()
+        raise ValueError(f"{load_column} is missing (NaN) for subject(s) {missing[:5]}")
+    frame["load_bin"] = load_bins(loads, n_load_bins)
+    test_fold = _deal_test_folds(frame, n_folds, rng)
     order = _strata_order(frame, rng)
-    start = int(rng.integers(n_folds))
-    test_fold = np.empty(n, dtype=int)
-    test_fold[order] = (np.arange(n) + start) % n_folds + 1
 
     rows = []
     for fold in range(1, n_folds + 1):

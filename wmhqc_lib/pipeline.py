@@ -274,7 +274,14 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
         fresh = not (Path(data_root) / synth.MARKER_FILE).exists()
         print(f"[data] synthetic cohort for profile '{profile.name}' at {data_root}"
               + (" (generating)" if fresh else " (exists)"), flush=True)
-        synth.generate_cohort(data_root, profile)
+        # the default folder is the project's own cache: an outdated cohort is replaced
+        try:
+            synth.generate_cohort(data_root, profile)
+        except FileExistsError:
+            print(f"[data] {data_root} holds a cohort made with other settings: regenerating",
+                  flush=True)
+            fresh = True
+            synth.generate_cohort(data_root, profile, force=True)
         results.append(StepResult("synthesize data", None, "ran" if fresh else "skipped",
                                   time.perf_counter() - start))
     cfg = RunConfig(profile=profile, data_root=Path(data_root).resolve(),

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -45,7 +47,7 @@ from .datasets import layout_paths
 
 MARKER_FILE = "SYNTHETIC_COHORT.json"
 SUBJECTS_FILE = "SYNTHETIC_COHORT.csv"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Relative tissue intensities before site gain. FLAIR suppresses CSF; lesions are bright on
 # FLAIR and dark on T1 relative to white matter.
@@ -111,6 +113,22 @@ SITES: tuple[SiteSpec, ...] = (
 )
 
 
+def paper_site_table() -> pd.DataFrame:
+    """The paper's Table 2 facts behind each simulated site (scanner, voxel sizes, matrix,
+    subject count), labelled as the paper's, to set beside the synthetic cohort's own table."""
+    rows = []
+    for site in SITES:
+        t1 = site.t1 or site.flair
+        rows.append({
+            "dataset": site.dataset, "site": site.site, "paper_scanner": site.scanner,
+            "paper_subjects": site.n_subjects,
+            "paper_flair_voxel_mm": "x".join(f"{v:.2f}" for v in site.flair.voxel_mm),
+            "paper_flair_matrix": "x".join(str(v) for v in site.flair.shape),
+            "paper_t1_voxel_mm": "x".join(f"{v:.2f}" for v in t1.voxel_mm),
+        })
+    return pd.DataFrame(rows)
+
+
 @dataclass(frozen=True)
 class SubjectPlan:
     """What will be simulated for one subject; saved to ``SYNTHETIC_COHORT.csv``."""
@@ -156,8 +174,11 @@ def _template(working_mm: float) -> _Template:
 
     def to_working(img: nib.Nifti1Image) -> np.ndarray:
         img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-        out = resample_img(img, target_affine=affine, target_shape=tuple(shape),
-                           interpolation="continuous", force_resample=True, copy_header=True)
+        with warnings.catch_warnings():  # the brain mask is resampled as a fraction on purpose
+            warnings.filterwarnings("ignore", message="Resampling binary images")
+            out = resample_img(img, target_affine=affine, target_shape=tuple(shape),
+                               interpolation="continuous", force_resample=True,
+                               copy_header=True)
         return np.clip(np.asarray(out.dataobj, dtype=np.float32), 0.0, 1.0)
 
     b, g, w = to_working(brain), to_working(gm), to_working(wm)
@@ -434,15 +455,34 @@ def acquire(clean: np.ndarray, site: SiteSpec, grid: Grid, noise_scale: float,
     return img.astype(np.float32)
 
 
-def rater_masks(soft: np.ndarray, n: int, rng: np.random.Generator, sigma_vox: float = 1.0,
-                amount: float = 0.3) -> list[np.ndarray]:
-    """Masks of raters who agree on lesion cores and disagree at borders and on tiny lesions."""
+def rater_masks(soft: np.ndarray, n: int, rng: np.random.Generator, sigma_vox: float = 2.0,
+                amount: float = 0.15, volume_spread: float = 0.2) -> list[np.ndarray]:
+    """Masks of raters who agree on lesion cores and disagree at borders and on faint lesions.
+
+    Each rater thresholds the partial-volume lesion map at a level that wanders smoothly around
+    0.5, so a border moves coherently in or out and no speckle appears far from a lesion
+    (only voxels with a lesion fraction above 0.2 can be marked). The level is then offset so
+    the rater's volume is the consensus volume (``soft > 0.5``) times a factor drawn within
+    ``1 +- volume_spread``: raters scatter around the consensus instead of all over-segmenting,
+    which a fixed threshold shift does on small, convex lesions.
+    """
+    candidates = soft > 0.2
+    values = soft[candidates]
+    consensus = int((soft > 0.5).sum())
     out = []
     for _ in range(n):
         noise = ndi.gaussian_filter(rng.standard_normal(soft.shape).astype(np.float32),
                                     sigma_vox)
         noise /= max(float(noise.std()), 1e-6)
-        out.append(((soft + amount * noise * (soft > 0.02)) > 0.5).astype(np.uint8))
+        margin = values - (0.5 + amount * noise[candidates])
+        target = int(round(consensus * rng.uniform(1 - volume_spread, 1 + volume_spread)))
+        target = min(max(target, 0), margin.size)
+        mask = np.zeros(soft.shape, dtype=np.uint8)
+        if target > 0:
+            keep = np.argpartition(-margin, target - 1)[:target]
+            flat = np.flatnonzero(candidates)[keep]
+            mask.ravel()[flat] = 1
+        out.append(mask)
     return out
 
 
@@ -577,9 +617,11 @@ def _worker(args: tuple[SubjectPlan, SynthSettings, int, str]) -> dict:
 
 
 def _marker(profile: Profile) -> dict:
+    settings = asdict(profile.synth)
+    settings.pop("workers")  # how many processes ran does not change the cohort
     return {"synthetic": True, "generator_version": GENERATOR_VERSION,
             "profile": profile.name, "seed": profile.seed,
-            "settings": asdict(profile.synth),
+            "settings": settings,
             "note": "Synthetic cohort simulated by wmhqc from the MNI152 templates; "
                     "not patient data. Results computed on it are synthetic results."}
 
@@ -589,8 +631,9 @@ def generate_cohort(out: str | Path, profile: Profile, *, workers: int | None = 
     """Write the whole synthetic cohort under ``out`` (one folder per dataset layout).
 
     Returns the per-subject simulation table (also written to ``SYNTHETIC_COHORT.csv``). A
-    finished cohort with the same settings is not regenerated unless ``force``; the marker
-    file is written last, so an interrupted run starts again.
+    finished cohort with the same settings is not regenerated unless ``force``; one made with
+    other settings is refused unless ``force``, which replaces it. The marker file is written
+    last, so an interrupted run starts again.
     """
     out = Path(out)
     marker_path = out / MARKER_FILE
@@ -604,6 +647,8 @@ def generate_cohort(out: str | Path, profile: Profile, *, workers: int | None = 
                               f"(profile {have.get('profile')!r}); pick another folder or force")
     out.mkdir(parents=True, exist_ok=True)
     marker_path.unlink(missing_ok=True)
+    for site in {s.dataset for s in SITES}:  # a forced rerun leaves no subject of the old one
+        shutil.rmtree(out / site, ignore_errors=True)
     plans = plan_cohort(profile.synth, profile.seed)
     jobs = [(p, profile.synth, profile.seed, str(out)) for p in plans]
     workers = workers or profile.synth.workers
