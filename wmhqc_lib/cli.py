@@ -101,6 +101,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                               folds=args.folds or (), seed=args.seed, build=not args.no_book)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from . import evaluation
+
+    cases = evaluation.read_cases(args.cases)
+    known = [s for s in evaluation.QC_SCORES if s.column == args.score]
+    if known and known[0].higher_is_better == args.lower_is_better:
+        word = "higher" if known[0].higher_is_better else "lower"
+        print(f"wmhqc: note: QC_SCORES declares {args.score!r} {word}-is-better; evaluating "
+              f"as {'lower' if args.lower_is_better else 'higher'}-is-better as asked",
+              file=sys.stderr)
+    result = evaluation.evaluate_folds(
+        cases, args.score, threshold=args.threshold, select=args.select_threshold,
+        higher_is_better=not args.lower_is_better, dice_scale=args.dice_scale,
+        quality_threshold=args.quality_threshold, dice_column=args.dice_column)
+    report = {"file": str(args.cases), **result.to_dict()}
+    print(json.dumps(report, indent=2, allow_nan=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmhqc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folds to run for per-fold steps (default: all)")
     p.add_argument("--no-book", action="store_true", help="skip the book build")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("evaluate", help="metrics of one QC score from a per-case CSV (JSON)",
+                       description="Evaluate one QC score against true Dice; prints one JSON "
+                                   "object. Positive class = failed case (Dice < quality "
+                                   "threshold); paper_* = the authors' swapped convention. "
+                                   "With a split column only test rows are scored; with a "
+                                   "fold column per-fold results are added.")
+    p.add_argument("cases", type=Path, help="per-case CSV: a true Dice column and the score; "
+                                             "optional fold and split (train/val/test)")
+    p.add_argument("--score", required=True, help="the score column")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--threshold", type=float, default=None,
+                     help="flag cases with score < T (> T with --lower-is-better)")
+    how.add_argument("--select-threshold", default=None, metavar="{f1,youden,recall:R}",
+                     help="choose each fold's threshold on its val rows, apply it to its test "
+                          "rows (needs a split column)")
+    p.add_argument("--lower-is-better", action="store_true",
+                   help="a lower score means better quality (e.g. entropy)")
+    p.add_argument("--dice-scale", action="store_true",
+                   help="the score predicts Dice: also report mae")
+    p.add_argument("--quality-threshold", type=float, default=0.75,
+                   help="a case fails when its Dice is below this (default 0.75)")
+    p.add_argument("--dice-column", default="true_dice", help="default: true_dice")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -15,7 +15,7 @@ Conventions, used everywhere below:
   ``s < t`` for a higher-is-better score and ``s > t`` otherwise;
 - every ratio with an empty denominator is NaN, never 0 or 1; a one-class AUROC is NaN;
 - the functions taking one table judge all its rows: pass the rows you mean, e.g.
-  :func:`test_rows`. :func:`evaluate_folds` does the per-fold bookkeeping itself.
+  :func:`scored_rows`. :func:`evaluate_folds` does the per-fold bookkeeping itself.
 
 The input is a per-case table (one row per case) with a true Dice column (default
 ``true_dice``), the score column, and optionally ``fold`` and ``split`` (``train``/``val``/
@@ -28,7 +28,7 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "failure_auroc", "aurc", "eaurc",
     "review_fraction", "missed_failure_fraction",
 )
-COUNT_METRICS = ("n_cases", "n_failed", "n_flagged", "n_true_positive")
 BOOTSTRAP_METRICS = ("failure_auroc", "aurc", "pearson_r")
 TABLE1_METRICS: tuple[str, ...] = (
     "pearson_r", "mean_dice_before", "mean_dice_after", "median_dice_after",
@@ -167,8 +166,8 @@ def qc_score(name: str) -> QCScore:
     raise ValueError(f"unknown QC score {name!r}; known: {[s.name for s in QC_SCORES]}")
 
 
-def _resolve(score: str | QCScore, higher_is_better: bool | None,
-             dice_scale: bool | None) -> QCScore:
+def resolve_score(score: str | QCScore, higher_is_better: bool | None = None,
+                  dice_scale: bool | None = None) -> QCScore:
     """A QCScore from a registry entry or a column name; explicit arguments win.
 
     An unknown column must say its direction: guessing it would silently invert every metric.
@@ -198,8 +197,9 @@ def _source(cases: pd.DataFrame) -> str:
 
 def _row_name(cases: pd.DataFrame, position: int) -> str:
     name = f"row {position + 1}"
-    if "subject_id" in cases.columns:
-        name += f" ({cases['subject_id'].iloc[position]})"
+    for column in ("subject_id", "case_id"):
+        if column in cases.columns:
+            return name + f" ({cases[column].iloc[position]})"
     return name
 
 
@@ -263,16 +263,13 @@ def _check_values(cases: pd.DataFrame, columns: list[str], dice_column: str,
     return out
 
 
-def test_rows(cases: pd.DataFrame) -> pd.DataFrame:
+def scored_rows(cases: pd.DataFrame) -> pd.DataFrame:
     """The rows to judge a QC score on: ``split == 'test'`` when there is a split column."""
     if "split" not in cases.columns:
         return cases
     rows = cases[cases["split"].astype(str) == "test"]
     rows.attrs.update(cases.attrs)
     return rows
-
-
-test_rows.__test__ = False  # a helper, not a pytest test
 
 
 def add_random_score(cases: pd.DataFrame, seed: int = 0,
@@ -298,7 +295,7 @@ def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den else math.nan
 
 
-def _quiet(fn, *args) -> Any:
+def _quiet(fn: Callable[..., Any], *args: Any) -> Any:
     """scipy warns on constant input and returns NaN, which is what we report."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -402,7 +399,7 @@ def evaluate_score(cases: pd.DataFrame, score: str | QCScore, threshold: float, 
     of the raw score against Dice (the paper's sign), so a lower-is-better score correlates
     negatively; every other metric is direction-free.
     """
-    spec = _resolve(score, higher_is_better, dice_scale)
+    spec = resolve_score(score, higher_is_better, dice_scale)
     if not np.isfinite(threshold):
         raise ValueError(f"score threshold must be a finite number, got {threshold}")
     dice, values = _arrays(cases, spec, dice_column, quality_threshold)
@@ -422,7 +419,7 @@ def risk_coverage_curve(cases: pd.DataFrame, score: str | QCScore, *,
     Cases are kept from most to least confident; tied scores share their group's mean risk
     (see :func:`evaluate_score`'s ``aurc``). The mean of ``selective_risk`` is the AURC.
     """
-    spec = _resolve(score, higher_is_better, None)
+    spec = resolve_score(score, higher_is_better, None)
     dice, values = _arrays(cases, spec, dice_column, QUALITY_THRESHOLD)
     good = values if spec.higher_is_better else -values
     n = len(dice)
@@ -438,7 +435,7 @@ def failure_roc_curve(cases: pd.DataFrame, score: str | QCScore, *,
     """ROC of detecting failed cases (scikit-learn's points): false/true positive rate and the
     score threshold, in the score's units, at or beyond which a case counts as flagged.
     Empty when the cases hold only one class."""
-    spec = _resolve(score, higher_is_better, None)
+    spec = resolve_score(score, higher_is_better, None)
     dice, values = _arrays(cases, spec, dice_column, quality_threshold)
     failed = dice < quality_threshold
     if failed.all() or not failed.any():
@@ -472,7 +469,7 @@ def workload_curve(cases: pd.DataFrame, score: str | QCScore, *,
     One row per decision: ``threshold`` (score units), ``review_fraction`` (cases sent to
     review), ``missed_failure_fraction`` (failures kept; NaN if there are none).
     """
-    spec = _resolve(score, higher_is_better, None)
+    spec = resolve_score(score, higher_is_better, None)
     dice, values = _arrays(cases, spec, dice_column, quality_threshold)
     good = values if spec.higher_is_better else -values
     cand, k, tp = _candidate_counts(dice, good, quality_threshold)
@@ -514,7 +511,7 @@ def select_threshold(cases: pd.DataFrame, score: str | QCScore, rule: str, *,
     Ties go to the candidate that flags the fewest cases. With no failed case among the rows
     nothing is worth reviewing, so every rule flags none; with only failed cases it flags all.
     """
-    spec = _resolve(score, higher_is_better, None)
+    spec = resolve_score(score, higher_is_better, None)
     name, target = parse_rule(rule)
     dice, values = _arrays(cases, spec, dice_column, quality_threshold)
     good = values if spec.higher_is_better else -values
@@ -620,6 +617,7 @@ def _evaluate_folds(cases: pd.DataFrame, spec: QCScore, threshold: float | None,
     per_fold, thresholds, flagged_parts, applied_parts = {}, {}, [], []
     for fold in folds:
         part = checked[checked["fold"] == fold] if has_folds else checked
+        fold = fold.item() if isinstance(fold, np.generic) else fold
         applied = part[part["split"].astype(str) == "test"] if has_split else part
         name = f"fold {fold}" if has_folds else "the table"
         if not len(applied):
@@ -642,9 +640,9 @@ def _evaluate_folds(cases: pd.DataFrame, spec: QCScore, threshold: float | None,
         flagged_parts.append(flagged)
         applied_parts.append(applied)
     pooled_rows = pd.concat(applied_parts)
-    pooled = _metrics(pooled_rows[dice_column].to_numpy(dtype=float),
-                      pooled_rows[spec.column].to_numpy(dtype=float),
-                      np.concatenate(flagged_parts), spec, quality_threshold)
+    pooled = _metrics_or_one(pooled_rows[dice_column].to_numpy(dtype=float),
+                             pooled_rows[spec.column].to_numpy(dtype=float),
+                             np.concatenate(flagged_parts), spec, quality_threshold)
     table = pd.DataFrame.from_dict(per_fold, orient="index")
     table.index.name = "fold"
     return FoldEvaluation(spec, quality_threshold, dice_column, table, pooled, rule,
@@ -676,7 +674,7 @@ def evaluate_folds(cases: pd.DataFrame, score: str | QCScore, *,
     only, so nothing about the test rows reaches the choice. Without a ``fold`` column the
     table is one fold. Only the rows used are checked: train rows may lack scores.
     """
-    spec = _resolve(score, higher_is_better, dice_scale)
+    spec = resolve_score(score, higher_is_better, dice_scale)
     return _evaluate_folds(cases, spec, threshold, select, "val", quality_threshold,
                            dice_column)
 
@@ -691,19 +689,25 @@ def evaluate_folds_tuned_on_test(cases: pd.DataFrame, score: str | QCScore, sele
     This is what the authors did by eye; shown only next to :func:`evaluate_folds` to measure
     how much such tuning flatters a QC method. Never report it as a result.
     """
-    spec = _resolve(score, higher_is_better, dice_scale)
+    spec = resolve_score(score, higher_is_better, dice_scale)
     return _evaluate_folds(cases, spec, None, select, "test", quality_threshold, dice_column)
 
 
-def table1(evaluations: Sequence[FoldEvaluation],
-           metrics: Sequence[str] = TABLE1_METRICS) -> pd.DataFrame:
+def table1(evaluations: Sequence[FoldEvaluation], metrics: Sequence[str] = TABLE1_METRICS,
+           labels: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper's Table 1 form for our results: metrics down, (score label, mean/median)
-    across. Compare with :func:`paper_table1`."""
+    across. Compare with :func:`paper_table1`. Columns are the scores' labels unless ``labels``
+    are given; a threshold tuned on test is marked so in its label."""
+    if labels is None:
+        labels = [ev.score.label + (" (tuned on test: optimistic)" if ev.tuned_on == "test"
+                                    else "") for ev in evaluations]
+    if len(set(labels)) != len(labels) or len(labels) != len(evaluations):
+        raise ValueError(f"table1 needs one distinct label per evaluation, got {list(labels)}")
     columns = {}
-    for ev in evaluations:
+    for label, ev in zip(labels, evaluations, strict=True):
         summary = ev.across_folds()
         for stat in ("mean", "median"):
-            columns[(ev.score.label, stat)] = summary.loc[stat, list(metrics)]
+            columns[(label, stat)] = summary.loc[stat, list(metrics)]
     frame = pd.DataFrame(columns)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["score", "across folds"])
     return frame
@@ -736,19 +740,14 @@ def bootstrap_intervals(cases: pd.DataFrame, score: str | QCScore, *, n_boot: in
     undefined (one class for AUROC, constant input for r) are left out; ``n_valid`` says how
     many remained. Rows: :data:`BOOTSTRAP_METRICS`; columns: estimate, low, high, n_valid.
     """
-    spec = _resolve(score, higher_is_better, None)
+    spec = resolve_score(score, higher_is_better, None)
     if n_boot < 1 or not 0.0 < level < 1.0:
         raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
     dice, values = _arrays(cases, spec, dice_column, quality_threshold)
     point = _ranking_metrics(dice, values, spec, quality_threshold)
     rng = np.random.default_rng([seed, 11])
-    samples = np.full((n_boot, len(BOOTSTRAP_METRICS)), math.nan)
-    for b in range(n_boot):
-        idx = rng.integers(0, len(dice), len(dice))
-        d, s = dice[idx], values[idx]
-        good = s if spec.higher_is_better else -s
-        samples[b] = (_auroc(d < quality_threshold, -good), _aurc(1.0 - d, good),
-                      _quiet(stats.pearsonr, s, d).statistic)
+    idx = rng.integers(0, len(dice), (n_boot, len(dice)))
+    samples = _resampled_metrics(dice, values, spec.higher_is_better, quality_threshold, idx)
     alpha = (1.0 - level) / 2
     rows = {}
     for j, name in enumerate(BOOTSTRAP_METRICS):
@@ -760,6 +759,31 @@ def bootstrap_intervals(cases: pd.DataFrame, score: str | QCScore, *, n_boot: in
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def _resampled_metrics(dice: np.ndarray, score: np.ndarray, higher_is_better: bool,
+                       quality_threshold: float, idx: np.ndarray) -> np.ndarray:
+    """Failure AUROC, AURC and Pearson r of each resample (one row of ``idx`` each).
+
+    Vectorised equivalents of scikit-learn's AUROC (the Mann-Whitney form, ties counted
+    half) and scipy's Pearson r, so a thousand resamples take well under a second; NaN where
+    a metric is undefined."""
+    d, s = dice[idx], score[idx]
+    good = s if higher_is_better else -s
+    failed = d < quality_threshold
+    n_pos = failed.sum(axis=1)
+    n_neg = failed.shape[1] - n_pos
+    ranks = stats.rankdata(-good, axis=1)  # rank of badness, ties averaged
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc = ((np.where(failed, ranks, 0.0).sum(axis=1) - n_pos * (n_pos + 1) / 2)
+                 / (n_pos * n_neg))
+        sc = s - s.mean(axis=1, keepdims=True)
+        dc = d - d.mean(axis=1, keepdims=True)
+        r = (sc * dc).sum(axis=1) / np.sqrt((sc**2).sum(axis=1) * (dc**2).sum(axis=1))
+    auroc[(n_pos == 0) | (n_neg == 0)] = math.nan
+    r[(np.ptp(s, axis=1) == 0) | (np.ptp(d, axis=1) == 0)] = math.nan  # scipy: constant input
+    aurc = np.array([_aurc(1.0 - d[b], good[b]) for b in range(len(idx))])
+    return np.column_stack([auroc, aurc, np.clip(r, -1.0, 1.0)])
+
+
 def quality_threshold_sensitivity(cases: pd.DataFrame, score: str | QCScore, *,
                                   threshold: float | None = None, select: str | None = None,
                                   quality_thresholds: Sequence[float] = QUALITY_SWEEP,
@@ -769,7 +793,7 @@ def quality_threshold_sensitivity(cases: pd.DataFrame, score: str | QCScore, *,
     """Pooled metrics (see :class:`FoldEvaluation`) for each quality threshold; a ``select``
     rule re-chooses the thresholds on validation rows for every failure definition. For the
     Dice definition, call again with ``dice_column='true_dice_paper'``."""
-    spec = _resolve(score, higher_is_better, dice_scale)
+    spec = resolve_score(score, higher_is_better, dice_scale)
     rows = {}
     for q in quality_thresholds:
         ev = _evaluate_folds(cases, spec, threshold, select, "val", float(q), dice_column)
