@@ -53,7 +53,6 @@ def test_cpu_profile_is_the_defaults():
     assert cpu.folds.val_fraction == pytest.approx(0.1905)
     assert cpu.folds.load_bins == 3
     assert cpu.synth.subjects_scale == 1.0
-    assert cpu.preprocess.shape == (48, 56, 48)
     with open(PROFILES_FILE) as fh:
         defaults = yaml.safe_load(fh)["defaults"]
     assert cpu.sections["synth"] == defaults["synth"]

@@ -18,7 +18,7 @@ from wmhqc_lib.config import load_profile
 @pytest.fixture(scope="module")
 def smoke_run(smoke_cohort, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results)
+    code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results, folds=[1])
     return code, results
 
 
@@ -33,6 +33,12 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
     assert "_static/plotly.min.js" in page and (html / "_static" / "plotly.min.js").exists()
     assert len(re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', page)) >= 2  # overlays
     assert "Lesion load per site (synthetic cohort)" in page
+    for chapter in ("02_mc_unet", "03_uncertainty"):
+        text = (html / "notebooks" / f"{chapter}.html").read_text()
+        assert "plotly-graph-div" in text and "synthetic cohort" in text
+    uncertainty_page = (html / "notebooks" / "03_uncertainty.html").read_text()
+    assert "Pearson r" in uncertainty_page
+    assert len(re.findall(r'<img[^>]+src="\.\./_images/', uncertainty_page)) >= 1
 
 
 def test_book_pages_load_nothing_from_the_network(smoke_run):
@@ -56,17 +62,24 @@ def test_data_step_writes_its_artifacts(smoke_run, smoke_manifest):
     assert (folds[folds["split"] == "test"].groupby("subject_id").size() == 1).all()
     assert table.loc[table["site"] == "all", "subjects"].item() == n
     assert (prep["brain_outside_grid_fraction"] < 0.05).all()
-    executed = nbformat.read(results / "notebooks" / "01_data.ipynb", as_version=4)
-    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "error"]
-    assert not errors
+    for path in (results / "notebooks").rglob("*.ipynb"):
+        executed = nbformat.read(path, as_version=4)
+        errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
+                  if o.output_type == "error"]
+        assert not errors, path
+    cases = pd.read_csv(results / "fold1" / "cases.csv")
+    assert len(cases) == n and set(cases["split"]) == {"train", "val", "test"}
+    assert cases[["true_dice", "uncertainty_vs", "pairwise_dice"]].notna().all().all()
+    assert len(list((results / "fold1" / "mc" / "native").glob("*_entropy.nii.gz"))) == \
+        (cases["split"] == "test").sum()
 
 
 def test_rerun_skips_unchanged_steps_and_reruns_changed_ones(smoke_run, smoke_cohort):
     _, results = smoke_run
     cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=Path(smoke_cohort),
                              results_dir=results)
-    assert [r.status for r in pipeline.run_steps(cfg)] == ["skipped"]
+    cfg.folds = [1]
+    assert {r.status for r in pipeline.run_steps(cfg)} == {"skipped"}
     cfg.seed = 99  # a parameter changed: the step runs again
     stamp = results / "stamps" / "01_data.json"
     before = json.loads(stamp.read_text())["key"]

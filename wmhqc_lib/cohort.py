@@ -143,3 +143,10 @@ def load(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
             raise FileNotFoundError(f"{path}: missing; run the data step (notebook 01) first")
     return (datasets.read_manifest(paths.manifest), pd.read_csv(paths.preprocess),
             pd.read_csv(paths.folds))
+
+
+def synthetic_note(results_dir: str | Path) -> str:
+    """`` (synthetic cohort)`` when the run's cohort is synthetic, for figure and table titles,
+    so no result from simulated data is shown without saying so."""
+    manifest = datasets.read_manifest(CohortPaths.under(results_dir).manifest)
+    return " (synthetic cohort)" if bool(manifest["synthetic"].all()) else ""

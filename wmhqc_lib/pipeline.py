@@ -42,6 +42,8 @@ class Step:
 
 STEPS: list[Step] = [
     Step("01_data.ipynb", watches_data=True),
+    Step("02_mc_unet.ipynb", per_fold=True, depends=("01_data",)),
+    Step("03_uncertainty.ipynb", per_fold=True, depends=("02_mc_unet",)),
 ]
 
 
@@ -208,9 +210,14 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> list[Step
     return results
 
 
-def stage_book(cfg: RunConfig) -> Path:
-    """Lay out the book sources with the executed notebooks in place of the templates."""
+def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
+    """Lay out the book sources with the executed notebooks in place of the templates.
+
+    A per-fold chapter shows its first executed fold in full; the other folds become
+    sub-pages of that chapter in the staged table of contents.
+    """
     import plotly
+    import yaml
 
     stage = cfg.book_dir
     for name in BOOK_FILES:
@@ -222,9 +229,32 @@ def stage_book(cfg: RunConfig) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     nb_dst = stage / "notebooks"
-    nb_dst.mkdir(parents=True, exist_ok=True)
-    for executed in cfg.executed_dir.glob("*.ipynb"):
-        shutil.copy2(executed, nb_dst / executed.name)
+    shutil.rmtree(nb_dst, ignore_errors=True)
+    nb_dst.mkdir(parents=True)
+    extra_folds: dict[str, list[str]] = {}
+    for step in steps:
+        if not step.per_fold:
+            executed = cfg.executed_dir / step.notebook
+            if executed.exists():
+                shutil.copy2(executed, nb_dst / step.notebook)
+            continue
+        folds = sorted(int(p.parent.name[4:]) for p in
+                       cfg.executed_dir.glob(f"fold*/{step.notebook}"))
+        for i, fold in enumerate(folds):
+            src = cfg.executed_dir / f"fold{fold}" / step.notebook
+            if i == 0:
+                shutil.copy2(src, nb_dst / step.notebook)
+            else:
+                (nb_dst / f"fold{fold}").mkdir(exist_ok=True)
+                shutil.copy2(src, nb_dst / f"fold{fold}" / step.notebook)
+                extra_folds.setdefault(f"notebooks/{step.name}", []).append(
+                    f"notebooks/fold{fold}/{step.name}")
+    toc = yaml.safe_load((stage / "_toc.yml").read_text())
+    for part in toc.get("parts", [toc]):
+        for chapter in part.get("chapters", []):
+            if chapter.get("file") in extra_folds:
+                chapter["sections"] = [{"file": f} for f in extra_folds[chapter["file"]]]
+    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     static = stage / "_static"
     static.mkdir(exist_ok=True)
     shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",

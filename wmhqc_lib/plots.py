@@ -8,7 +8,7 @@ pages work with no network (none here, none in many hospitals).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import nibabel as nib
@@ -87,4 +87,80 @@ def lesion_load_figure(table: pd.DataFrame, synthetic: bool) -> go.Figure:
                  labels={"load_pct": "lesion load (% of brain volume)", "site": "site"},
                  title=f"Lesion load per site{label}")
     fig.update_layout(height=420, margin={"t": 60, "b": 40})
+    return fig
+
+
+def learning_curves(history: pd.DataFrame, title: str) -> go.Figure:
+    """Training loss and whole-volume validation Dice per epoch, best epoch marked."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=history["epoch"], y=history["loss"], name="training loss",
+                             mode="lines+markers"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=history["epoch"], y=history["val_dice"],
+                             name="validation Dice (whole volumes)", mode="lines+markers"),
+                  secondary_y=True)
+    if history["val_dice"].notna().any():
+        best = history.loc[history["val_dice"].idxmax()]
+        fig.add_vline(x=best["epoch"], line_dash="dot",
+                      annotation_text=f"best epoch {int(best['epoch'])}")
+    fig.update_layout(title=title, height=380, margin={"t": 60})
+    fig.update_xaxes(title="epoch")
+    fig.update_yaxes(title="loss", secondary_y=False)
+    fig.update_yaxes(title="Dice", range=[0, 1], secondary_y=True)
+    return fig
+
+
+def score_scatter(table: pd.DataFrame, score: str, label: str, title: str,
+                  dice_column: str = "true_dice", identity: bool = False) -> go.Figure:
+    """A QC score against true Dice, one point per case, with Pearson r in the title."""
+    from scipy.stats import pearsonr
+
+    data = table[[score, dice_column, "subject_id", "site"]].dropna()
+    r = pearsonr(data[score], data[dice_column])[0] if len(data) > 2 else float("nan")
+    fig = px.scatter(data, x=score, y=dice_column, color="site", hover_data=["subject_id"],
+                     labels={score: label, dice_column: "true lesion Dice"},
+                     title=f"{title} (Pearson r = {r:.3f}, n = {len(data)})")
+    if identity:
+        fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot"})
+    fig.update_layout(height=420, margin={"t": 60})
+    return fig
+
+
+def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
+                                                    nib.Nifti1Image | None, str]]],
+                    cut_axis: str = "z") -> plt.Figure:
+    """A grid of single-slice panels: one row per case, one column per map.
+
+    Each panel is ``(title, background, overlay or contour mask, kind)`` with kind ``anat``
+    (background only), ``contour`` (red outline of the mask) or ``heat`` (the overlay as a
+    colour map over the background). All panels of a row cut through the same slice: the centre
+    of the row's first mask.
+    """
+    n_rows = len(rows)
+    n_cols = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.8 * n_rows),
+                             squeeze=False)
+    for r, (name, panels) in enumerate(rows.items()):
+        first_mask = next((p[2] for p in panels if p[3] == "contour" and p[2] is not None),
+                          None)
+        coords = _cut_coords(first_mask, panels[0][1])
+        cut = coords["xyz".index(cut_axis)]
+        for c, (title, background, overlay, kind) in enumerate(panels):
+            ax = axes[r, c]
+            display = plotting.plot_anat(background, axes=ax, display_mode=cut_axis,
+                                         cut_coords=[cut], annotate=False, draw_cross=False,
+                                         dim=-0.3, colorbar=False)
+            if kind == "contour" and overlay is not None and np.any(np.asarray(overlay.dataobj)):
+                display.add_contours(overlay, levels=[0.5], colors="r", linewidths=0.8)
+            elif kind == "heat" and overlay is not None:
+                data = np.asarray(overlay.dataobj, dtype=np.float32)
+                vmax = float(np.percentile(data[data > 0], 99)) if np.any(data > 0) else 1.0
+                display.add_overlay(overlay, cmap="hot", vmin=0.0, vmax=max(vmax, 1e-6),
+                                    threshold=vmax * 0.05)
+            ax.set_title(title if r == 0 else "", fontsize=9)
+            if c == 0:
+                ax.text(-0.05, 0.5, name, transform=ax.transAxes, rotation=90,
+                        va="center", ha="right", fontsize=8)
+    fig.tight_layout()
     return fig

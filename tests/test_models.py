@@ -1,0 +1,275 @@
+"""MC-dropout U-net, losses, overlap metrics, uncertainty maps and scores, training behaviour."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wmhqc_lib import metrics, uncertainty
+from wmhqc_lib.config import load_profile
+from wmhqc_lib.models import MCDropout, UNetConfig, build_mc_unet, conv_flops
+from wmhqc_lib.preprocess import PreprocessedCase
+
+keras = pytest.importorskip("keras")
+
+SMOKE = load_profile("smoke").section("mc_unet")
+CFG = UNetConfig.from_section(SMOKE)
+SHAPE = (16, 16, 16)
+
+
+def phantom_case(sid: str, seed: int, shape=SHAPE) -> PreprocessedCase:
+    """A preprocessed-like case: noisy background and a bright blob that is the lesion."""
+    rng = np.random.default_rng(seed)
+    idx = np.indices(shape)
+    centre = rng.uniform(5, 11, size=3)
+    lesion = (((idx - centre[:, None, None, None]) ** 2).sum(0) <= rng.uniform(4, 9)) \
+        .astype(np.uint8)
+    flair = rng.normal(0, 0.3, shape) + 2.5 * lesion
+    t1 = rng.normal(0, 0.3, shape) - 1.5 * lesion
+    image = np.stack([t1, flair]).astype(np.float32)
+    return PreprocessedCase(sid, image, lesion, np.zeros(shape, np.uint8),
+                            np.ones(shape, np.uint8), np.eye(4), {})
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    return build_mc_unet(None, CFG)
+
+
+def test_model_builds_for_the_smoke_profile(model):
+    out = model.predict(np.zeros((1, *SHAPE, 2), np.float32), verbose=0)
+    assert out.shape == (1, *SHAPE, 1)
+    assert np.all((out >= 0) & (out <= 1))
+    assert sum(isinstance(layer, MCDropout) for layer in model.layers) == \
+        1 + 2 * len(CFG.encoder_filters)
+    assert conv_flops(model, SHAPE) > 0
+
+
+def test_mc_passes_differ_also_under_predict(model):
+    x = phantom_case("a", 0).image
+    samples = uncertainty.mc_samples(model, x, 4, 2)
+    assert samples.shape == (4, *SHAPE)
+    assert not np.allclose(samples[0], samples[1])
+    again = model.predict(np.moveaxis(x, 0, -1)[None], verbose=0)
+    assert not np.allclose(again[0, ..., 0], samples[0])
+
+
+def test_normalisation_has_no_training_mode_to_leak():
+    """Instance normalisation (GroupNormalization with one group per channel) keeps no running
+    statistics: the same dropout-free network gives the same output in both modes."""
+    keras.utils.set_random_seed(1)
+    det = build_mc_unet(None, UNetConfig(base_filters=4, encoder_filters=(8, 16, 32), dropout=0))
+    x = np.moveaxis(phantom_case("a", 0).image, 0, -1)[None]
+    a = np.asarray(det(x, training=False))
+    b = np.asarray(det(x, training=True))
+    assert np.allclose(a, b, atol=1e-5)
+    assert not any(getattr(w, "trainable", True) is False for w in det.weights)
+
+
+def test_sample_mean_is_stable(model):
+    x = phantom_case("a", 0).image
+    a = uncertainty.mc_samples(model, x, 60, 30).mean(axis=0)
+    b = uncertainty.mc_samples(model, x, 60, 30).mean(axis=0)
+    single = uncertainty.mc_samples(model, x, 2, 2)
+    spread_one = np.abs(single[0] - single[1]).mean()
+    assert np.abs(a - b).mean() < spread_one / 3
+
+
+def test_entropy_mutual_information_and_pairwise_dice():
+    assert uncertainty.binary_entropy(np.array([0.5]))[0] == pytest.approx(1.0, abs=1e-6)
+    assert np.all(uncertainty.binary_entropy(np.array([0.0, 1.0])) < 1e-5)
+    assert uncertainty.binary_entropy(np.array([0.1]))[0] == pytest.approx(0.4690, abs=1e-3)
+    rng = np.random.default_rng(0)
+    samples = rng.random((8, 6, 6, 6)).astype(np.float32)
+    maps = uncertainty.uncertainty_maps(samples)
+    assert np.all(maps.mutual_information >= 0)
+    assert np.allclose(maps.mean, samples.mean(0))
+    same = uncertainty.uncertainty_maps(np.repeat(samples[:1], 5, axis=0))
+    assert np.allclose(same.mutual_information, 0, atol=1e-5)  # no disagreement, no MI
+    masks = np.zeros((3, 4, 4, 4), bool)
+    masks[:, :2] = True
+    assert metrics.pairwise_dice(masks) == 1.0
+    masks[2] = False
+    masks[2, 0] = True  # half of the others' volume
+    # pairs: (0,1) = 1, (0,2) = (1,2) = 2*16/(32+16)
+    assert metrics.pairwise_dice(masks) == pytest.approx((1 + 2 * (32 / 48)) / 3)
+    assert metrics.pairwise_dice(np.zeros((4, 3, 3, 3), bool)) == 1.0
+
+
+def test_dice_conventions_and_ignore():
+    t = np.zeros((4, 4, 4), bool)
+    t[:2] = True
+    p = np.zeros_like(t)
+    p[1:3] = True
+    assert metrics.dice(p, t) == pytest.approx(0.5)
+    assert metrics.dice(np.zeros_like(t), np.zeros_like(t)) == 1.0
+    assert metrics.dice(p, np.zeros_like(t)) == 0.0
+    ignore = np.zeros_like(t)
+    ignore[2] = True  # the false-positive slab is ignored
+    assert metrics.dice(p, t, ignore) == pytest.approx(2 * 16 / (16 + 32))
+    paper = metrics.two_class_dice(p, t)
+    assert paper == pytest.approx((0.5 + 0.5) / 2)  # fg 0.5, bg 2*16/(32+32) = 0.5
+
+
+def _target(lesion, ignore):
+    return np.stack([lesion, ignore], axis=-1)[None].astype(np.float32)
+
+
+def test_losses_on_hand_made_inputs():
+    from wmhqc_lib.training import make_loss, soft_dice_loss, weighted_bce
+
+    lesion = np.zeros((4, 4, 4), np.float32)
+    lesion[:2] = 1
+    ignore = np.zeros_like(lesion)
+    y = _target(lesion, ignore)
+    perfect = lesion[None, ..., None]
+    assert float(soft_dice_loss(y, perfect)) == pytest.approx(0.0, abs=1e-5)
+    assert float(soft_dice_loss(y, 1 - perfect)) == pytest.approx(1.0, abs=1e-5)
+    half = np.full_like(perfect, 0.5)
+    # soft Dice = 2 * 0.5*32 / (0.5*64 + 32) = 0.5
+    assert float(soft_dice_loss(y, half)) == pytest.approx(0.5, abs=1e-4)
+    assert float(weighted_bce(y, half)) == pytest.approx(np.log(2), abs=1e-4)
+    assert float(make_loss("dice_bce")(y, half)) == pytest.approx(0.5 + np.log(2), abs=1e-4)
+    with pytest.raises(ValueError):
+        make_loss("hinge")
+
+
+def test_ignored_voxels_change_neither_loss_nor_dice():
+    from wmhqc_lib.training import make_loss
+
+    lesion = np.zeros((6, 6, 6), np.float32)
+    lesion[:2] = 1
+    ignore = np.zeros_like(lesion)
+    ignore[4:] = 1
+    rng = np.random.default_rng(0)
+    pred = rng.random(lesion.shape).astype(np.float32)
+    other = pred.copy()
+    other[4:] = rng.random(other[4:].shape)  # change only ignored voxels
+    for name in ("dice_bce", "dice", "paper_two_class_dice"):
+        loss = make_loss(name)
+        a = float(loss(_target(lesion, ignore), pred[None, ..., None]))
+        b = float(loss(_target(lesion, ignore), other[None, ..., None]))
+        assert a == pytest.approx(b, abs=1e-6), name
+    assert metrics.dice(pred > 0.5, lesion, ignore) == metrics.dice(other > 0.5, lesion, ignore)
+
+
+def _train(folder: Path, seed: int, epochs: int = 1, steps: int = 6):
+    from wmhqc_lib.training import fit_segmenter
+
+    section = dict(SMOKE, epochs=epochs, steps_per_epoch=steps, patience=10,
+                   learning_rate=0.01)
+    train = [phantom_case(f"t{i}", i) for i in range(4)]
+    val = [phantom_case("v0", 10)]
+    return fit_segmenter(lambda: build_mc_unet(None, CFG), train, val, folder, section, seed,
+                         progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three short runs shared by the training tests: two with one seed, one with another."""
+    root = tmp_path_factory.mktemp("runs")
+    return root, {"a": _train(root / "a", seed=5, epochs=3),
+                  "b": _train(root / "b", seed=5, epochs=3),
+                  "c": _train(root / "c", seed=6, epochs=1)}
+
+
+def test_short_training_lowers_the_loss(runs):
+    root, trained = runs
+    losses = trained["a"].history["loss"].to_numpy()
+    assert len(losses) == 3
+    assert losses[-1] < losses[0]
+    assert (root / "a" / "best.keras").exists()
+    assert (root / "a" / "history.csv").exists()
+
+
+def test_same_seed_same_weights_and_finished_runs_are_reused(runs):
+    root, trained = runs
+    a, b, c = trained["a"], trained["b"], trained["c"]
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        assert np.array_equal(wa, wb)
+    assert a.history.drop(columns="seconds").equals(b.history.drop(columns="seconds"))
+    assert any(not np.array_equal(wa, wc) for wa, wc in
+               zip(a.model.get_weights(), c.model.get_weights(), strict=True))
+    again = _train(root / "a", seed=5, epochs=3)
+    assert again.skipped and again.history.equals(a.history)
+
+
+def test_interrupted_training_resumes(runs):
+    """A run killed after epoch 1 of 3 picks up at epoch 2 from its last checkpoint."""
+    import json
+
+    from wmhqc_lib.training import fit_segmenter
+
+    root, _ = runs
+    folder = root / "c"  # one finished epoch; pretend it was meant to run three
+    state = json.loads((folder / "state.json").read_text())
+    key = json.loads(state["key"])
+    section = dict(key["section"], epochs=3)
+    state.update(done=False, key=json.dumps(dict(key, section=section), sort_keys=True,
+                                            default=str))
+    (folder / "state.json").write_text(json.dumps(state))
+    train = [phantom_case(f"t{i}", i) for i in range(4)]
+    result = fit_segmenter(lambda: build_mc_unet(None, CFG), train, [phantom_case("v0", 10)],
+                           folder, section, 6, progress=False)
+    assert result.resumed and not result.skipped
+    assert list(result.history["epoch"]) == [1, 2, 3]
+
+
+def test_mc_inference_writes_maps_and_resumes(tmp_path, model):
+    cases = [phantom_case("a", 0), phantom_case("b", 1)]
+    table = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"}, tmp_path,
+                                         n_samples=4, batch=2, voxel_ml=0.125, fold=1,
+                                         progress=False)
+    assert list(table["split"]) == ["test", "train"]
+    expected = {"true_dice", "true_dice_paper", "uncertainty_vs", "mean_entropy_lesion",
+                "pairwise_dice", "pred_lesion_ml", "true_lesion_ml"}
+    assert expected <= set(table.columns)
+    assert table["true_lesion_ml"].iloc[0] == pytest.approx(cases[0].lesion.sum() * 0.125)
+    maps = uncertainty.load_maps(tmp_path / "maps" / "a.npz")
+    assert set(maps) >= {"mean", "prediction", "entropy", "mutual_information", "variance"}
+    # the VS is the plain per-case sum of the saved entropy map (float16 rounding aside)
+    assert table["uncertainty_vs"].iloc[0] == pytest.approx(maps["entropy"].sum(), rel=1e-2)
+    mtime = (tmp_path / "maps" / "a.npz").stat().st_mtime_ns
+    again = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"}, tmp_path,
+                                         n_samples=4, batch=2, voxel_ml=0.125, fold=1,
+                                         progress=False)
+    assert (tmp_path / "maps" / "a.npz").stat().st_mtime_ns == mtime
+    assert again.equals(table)
+
+
+JAX_SCRIPT = """
+import numpy as np, keras
+assert keras.backend.backend() == "jax", keras.backend.backend()
+from wmhqc_lib.config import load_profile
+from wmhqc_lib.models import UNetConfig, build_mc_unet
+from wmhqc_lib.training import make_loss
+from wmhqc_lib.uncertainty import mc_samples
+keras.utils.set_random_seed(0)
+cfg = UNetConfig.from_section(load_profile("smoke").section("mc_unet"))
+model = build_mc_unet(None, cfg)
+model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_loss("dice_bce"))
+x = np.random.default_rng(0).normal(size=(2, 16, 16, 16, 2)).astype("float32")
+y = np.zeros((2, 16, 16, 16, 2), "float32"); y[:, 4:8, 4:8, 4:8, 0] = 1
+first = float(model.train_on_batch(x, y))
+for _ in range(15):
+    last = float(model.train_on_batch(x, y))
+s = mc_samples(model, np.moveaxis(x[0], -1, 0), 4, 2)
+assert s.shape == (4, 16, 16, 16) and not np.allclose(s[0], s[1])
+assert last < first, (first, last)
+print("jax ok", first, last)
+"""
+
+
+def test_smoke_model_trains_and_infers_on_jax():
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jax ok" in proc.stdout
