@@ -3,6 +3,7 @@
 #   make reproduce PROFILE=smoke   a tiny end-to-end run in minutes
 #   make reproduce DATA_ROOT=/data/wmh FOLDS="1 2"
 #   make test                      lint + test suite
+#   make bench                     MC U-net speed figures (training, MC batched vs naive)
 #   make install GPU=1             CUDA TensorFlow for a GPU node
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,10 +17,10 @@ EXTRA := $(if $(GPU),gpu,cpu)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test lint reproduce book synth clean help
+.PHONY: install test lint reproduce bench synth clean help
 
 help:
-	@sed -n '2,7p' Makefile
+	@sed -n '2,8p' Makefile
 
 install: $(STAMP)
 
@@ -32,7 +33,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lint: install
-	$(BIN)/ruff check wmhqc_lib tests notebooks
+	$(BIN)/ruff check wmhqc_lib tests notebooks benchmarks
 
 test: install lint
 	$(BIN)/pytest -q
@@ -40,6 +41,9 @@ test: install lint
 reproduce: install
 	$(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
 		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS))
+
+bench: install
+	$(BIN)/python benchmarks/bench_mc.py --profile $(PROFILE)
 
 synth: install
 	$(BIN)/wmhqc data synth --profile $(PROFILE) --out data/synthetic-$(PROFILE)

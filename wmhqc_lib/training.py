@@ -9,23 +9,20 @@ training on seeded, augmented patches; validation, and every Dice reported, on w
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+import pandas as pd
+from keras import ops
+from scipy import ndimage as ndi
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from keras import ops  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
-
-from .metrics import dice  # noqa: E402
-from .models import MCDropout  # noqa: E402
-from .preprocess import PreprocessedCase  # noqa: E402
+from .metrics import dice
+from .models import MCDropout
+from .preprocess import PreprocessedCase
 
 EPS = 1e-6
 

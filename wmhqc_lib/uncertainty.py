@@ -17,23 +17,20 @@ Per case:
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from tqdm import tqdm
 
-import keras  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy import ndimage as ndi  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from .metrics import dice, pairwise_dice, two_class_dice  # noqa: E402
-from .preprocess import PreprocessedCase, map_to_native  # noqa: E402
+from .metrics import dice, pairwise_dice, two_class_dice
+from .preprocess import PreprocessedCase, map_to_native
 
 ENTROPY_EPS = 1e-7  # as in the authors' code
 
