@@ -1,0 +1,227 @@
+"""The evaluation chapter over all folds: which QC scores exist, their comparison in the paper's
+Table 1 form and in today's ranking metrics, and the figures that show them.
+
+Everything reads the per-fold case tables (``fold<k>/cases.csv``); thresholds are chosen on
+each fold's validation rows and applied to its test rows (:mod:`wmhqc_lib.evaluation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from . import evaluation as ev
+
+# The paper's Figure 3 panels, in order, with the score each shows.
+FIGURE3_PANELS = (("a", "uncertainty_vs"), ("b", "error_vs"), ("c", "dr_image"),
+                  ("d", "dr_uncertainty"), ("e", "dr_error"))
+
+
+def load_all_cases(results_dir: str | Path, folds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Every fold's case table stacked (one row per fold and subject)."""
+    root = Path(results_dir)
+    paths = sorted(root.glob("fold*/cases.csv"), key=lambda p: int(p.parent.name[4:]))
+    if folds:
+        paths = [p for p in paths if int(p.parent.name[4:]) in set(folds)]
+    if not paths:
+        raise FileNotFoundError(f"{root}: no fold*/cases.csv; run the per-fold steps first")
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+
+
+def available_scores(cases: pd.DataFrame, *, with_baselines: bool = True,
+                     seed: int = 0) -> tuple[pd.DataFrame, list[ev.QCScore]]:
+    """The registered QC scores whose column is filled on every validation and test row, plus
+    the baselines (predicted lesion volume, a seeded random score)."""
+    cases = ev.add_random_score(cases, seed=seed) if with_baselines else cases
+    scored = cases[cases["split"].isin(["val", "test"])]
+    scores = []
+    for spec in ev.QC_SCORES:
+        if spec.baseline and not with_baselines:
+            continue
+        if spec.column in scored and scored[spec.column].notna().all():
+            scores.append(spec)
+    return cases, scores
+
+
+def compare(cases: pd.DataFrame, scores: Sequence[ev.QCScore], select: str = "f1", *,
+            quality_threshold: float = ev.QUALITY_THRESHOLD,
+            dice_column: str = ev.DICE_COLUMN) -> dict[str, ev.FoldEvaluation]:
+    """Each score evaluated per fold with a threshold chosen on that fold's validation rows."""
+    return {s.name: ev.evaluate_folds(cases, s, select=select,
+                                      quality_threshold=quality_threshold,
+                                      dice_column=dice_column) for s in scores}
+
+
+def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: int = 1000,
+                  seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
+                  dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Threshold-free ranking metrics on all test rows pooled over folds, with bootstrap 95 %
+    intervals (over cases) for failure AUROC, AURC and Pearson r."""
+    test = ev.scored_rows(cases)
+    rows = []
+    for spec in scores:
+        # AUROC, AURC, e-AURC and correlations do not depend on the threshold
+        metrics = ev.evaluate_score(test, spec, threshold=float(test[spec.column].median()),
+                                    quality_threshold=quality_threshold,
+                                    dice_column=dice_column)
+        boot = ev.bootstrap_intervals(test, spec, n_boot=n_boot, seed=seed,
+                                      quality_threshold=quality_threshold,
+                                      dice_column=dice_column)
+        sign = 1.0 if spec.higher_is_better else -1.0
+        row = {"score": spec.label, "failure_auroc": metrics["failure_auroc"],
+               "aurc": metrics["aurc"], "eaurc": metrics["eaurc"],
+               "spearman_r": metrics["spearman_r"], "pearson_r": metrics["pearson_r"],
+               # rank agreement with Dice in the score's own direction (+1 = perfect)
+               "spearman_oriented": sign * metrics["spearman_r"]}
+        for metric in ev.BOOTSTRAP_METRICS:
+            row[f"{metric}_low"] = float(boot.loc[metric, "low"])
+            row[f"{metric}_high"] = float(boot.loc[metric, "high"])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("score")
+
+
+def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Which score is best on each metric (computed, not typed): lowest AURC / e-AURC, highest
+    failure AUROC and Spearman in the score's direction; in the Table 1 form, highest recall
+    and precision, highest median Dice after filtering, fewest cases sent to review."""
+    picks = []
+    for metric, best in (("aurc", "min"), ("eaurc", "min"), ("failure_auroc", "max"),
+                         ("spearman_oriented", "max")):
+        col = ranking[metric].dropna()
+        if len(col):
+            name = col.idxmin() if best == "min" else col.idxmax()
+            picks.append({"metric": metric, "basis": "test cases pooled over folds",
+                          "best score": name, "value": float(col[name])})
+    means = table.xs("mean", axis=1, level="across folds")
+    for metric, best in (("recall", "max"), ("precision", "max"),
+                         ("median_dice_after", "max"), ("review_fraction", "min")):
+        if metric in means.index:
+            row = means.loc[metric].dropna()
+            if len(row):
+                name = row.idxmin() if best == "min" else row.idxmax()
+                picks.append({"metric": metric, "basis": "mean over folds, val-chosen threshold",
+                              "best score": name, "value": float(row[name])})
+    return pd.DataFrame(picks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _label(spec: ev.QCScore) -> str:
+    return spec.label
+
+
+def figure3_panels(cases: pd.DataFrame, note: str = "",
+                   dice_column: str = ev.DICE_COLUMN) -> go.Figure:
+    """The paper's Figure 3 across folds: each available score against true Dice, test rows,
+    one colour per fold, Pearson r in each panel title (identity line on Dice-scale panels)."""
+    from scipy.stats import pearsonr
+
+    test = ev.scored_rows(cases)
+    panels = [(letter, ev.qc_score(name)) for letter, name in FIGURE3_PANELS
+              if name in test and test[name].notna().all()]
+    if not panels:
+        raise ValueError("no Figure 3 score is available in the case tables")
+    titles = []
+    for letter, spec in panels:
+        r = pearsonr(test[spec.column], test[dice_column])[0] if len(test) > 2 else np.nan
+        titles.append(f"({letter}) {spec.label}: r = {r:.2f}")
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
+    palette = px.colors.qualitative.Plotly
+    for i, (_, spec) in enumerate(panels, start=1):
+        for j, (fold, group) in enumerate(test.groupby("fold")):
+            fig.add_trace(go.Scatter(x=group[spec.column], y=group[dice_column], mode="markers",
+                                     name=f"fold {fold}", legendgroup=f"fold {fold}",
+                                     showlegend=i == 1,
+                                     marker={"color": palette[j % len(palette)], "size": 6},
+                                     text=group["subject_id"]), row=1, col=i)
+        if spec.dice_scale:
+            fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", showlegend=False,
+                                     line={"dash": "dot", "color": "grey"}), row=1, col=i)
+        fig.update_xaxes(title_text=spec.label, row=1, col=i)
+    fig.update_yaxes(title_text="true lesion Dice", row=1, col=1)
+    fig.update_layout(title=f"QC scores against true Dice, test cases of all folds{note}",
+                      height=380, width=max(420, 300 * len(panels)), margin={"t": 80})
+    return fig
+
+
+def _curve_figure(curves: dict[str, pd.DataFrame], x: str, y: str, title: str,
+                  xlabel: str, ylabel: str, extra: list[go.Scatter] | None = None) -> go.Figure:
+    fig = go.Figure()
+    for label, curve in curves.items():
+        fig.add_trace(go.Scatter(x=curve[x], y=curve[y], mode="lines", name=label))
+    for trace in extra or []:
+        fig.add_trace(trace)
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, height=420,
+                      margin={"t": 60})
+    return fig
+
+
+def risk_coverage_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore], note: str = "",
+                         **kw) -> go.Figure:
+    """Selective risk (1 - Dice of kept cases) against coverage, with the oracle's curve."""
+    test = ev.scored_rows(cases)
+    curves = {s.label: ev.risk_coverage_curve(test, s, **kw) for s in scores}
+    first = next(iter(curves.values()))
+    oracle = go.Scatter(x=first["coverage"], y=first["oracle_risk"], mode="lines",
+                        name="oracle (true Dice order)", line={"dash": "dot", "color": "black"})
+    return _curve_figure(curves, "coverage", "selective_risk",
+                         f"Risk-coverage, test cases of all folds{note}", "coverage",
+                         "selective risk (mean 1 - Dice of kept cases)", [oracle])
+
+
+def roc_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore], note: str = "",
+               **kw) -> go.Figure:
+    """Failure-detection ROC curves (positive class: failed case)."""
+    test = ev.scored_rows(cases)
+    curves = {s.label: ev.failure_roc_curve(test, s, **kw) for s in scores}
+    chance = go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                        line={"dash": "dot", "color": "grey"})
+    return _curve_figure(curves, "fpr", "tpr", f"Failure detection ROC{note}",
+                         "false-positive rate", "true-positive rate (recall of failures)",
+                         [chance])
+
+
+def workload_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore],
+                    evaluations: dict[str, ev.FoldEvaluation], note: str = "",
+                    **kw) -> go.Figure:
+    """Fraction of cases sent to review against fraction of failures missed; each score's
+    validation-chosen operating point (pooled over folds) marked on its curve."""
+    test = ev.scored_rows(cases)
+    curves = {s.label: ev.workload_curve(test, s, **kw) for s in scores}
+    points = []
+    for s in scores:
+        pooled = evaluations[s.name].pooled
+        points.append(go.Scatter(x=[pooled["review_fraction"]],
+                                 y=[pooled["missed_failure_fraction"]], mode="markers",
+                                 marker={"size": 10, "symbol": "x"},
+                                 name=f"{s.label}: chosen threshold"))
+    fig = _curve_figure(curves, "review_fraction", "missed_failure_fraction",
+                        f"Review workload against missed failures{note}",
+                        "fraction of cases sent to review",
+                        "fraction of failures missed", points)
+    fig.add_vline(x=0.155, line_dash="dot",
+                  annotation_text="paper: 15.5 % reviewed (84.5 % need no review)")
+    return fig
+
+
+def per_fold_figure(evaluations: dict[str, ev.FoldEvaluation], metric: str,
+                    note: str = "") -> go.Figure:
+    """One metric per fold and score (the paper's SI Figures 4-5 form)."""
+    rows = []
+    for ev_ in evaluations.values():
+        for fold, row in ev_.per_fold.iterrows():
+            rows.append({"score": ev_.score.label, "fold": str(row.get("fold", fold)),
+                         metric: row[metric]})
+    frame = pd.DataFrame(rows)
+    fig = px.bar(frame, x="score", y=metric, color="fold", barmode="group",
+                 title=f"{metric} per fold (validation-chosen thresholds){note}")
+    fig.update_layout(height=380, margin={"t": 60})
+    return fig
