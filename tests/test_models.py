@@ -241,6 +241,10 @@ def test_mc_inference_writes_maps_and_resumes(tmp_path, model):
                                          progress=False)
     assert (tmp_path / "maps" / "a.npz").stat().st_mtime_ns == mtime
     assert again.equals(table)
+    retrained = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"},
+                                             tmp_path, n_samples=4, batch=2, voxel_ml=0.125,
+                                             fold=1, progress=False, model_key="another model")
+    assert not retrained.equals(table)  # a new model's samples are drawn, not read back
 
 
 JAX_SCRIPT = """

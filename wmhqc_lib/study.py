@@ -15,6 +15,7 @@ on training rows, choose on validation rows and report on test rows only.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,18 @@ class FoldPaths:
     def cases(self) -> Path:
         return self.root / "cases.csv"
 
+    @property
+    def rec_unet(self) -> Path:
+        return self.root / "rec_unet"
+
+    @property
+    def rec(self) -> Path:
+        return self.root / "rec"
+
+    @property
+    def dr(self) -> Path:
+        return self.root / "dr"
+
 
 @dataclass
 class FoldData:
@@ -78,6 +91,11 @@ def load_fold(results_dir: str | Path, fold: int) -> FoldData:
              for s in SPLITS}
     splits = dict(zip(table["subject_id"], table["split"], strict=True))
     return FoldData(fold, cases, splits)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file (a saved model), so outputs made with another model are not reused."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def voxel_ml(profile: Profile) -> float:
@@ -121,7 +139,7 @@ def run_uncertainty(profile: Profile, results_dir: str | Path, fold: int, model,
                              int(section["mc_samples"]), int(section["mc_batch"]),
                              voxel_ml(profile), fold,
                              native_for=[c.subject_id for c in data.cases["test"]],
-                             progress=progress)
+                             progress=progress, model_key=file_digest(paths.mc_unet / "best.keras"))
     write_case_table(results_dir, fold)
     return table
 
@@ -148,3 +166,225 @@ def read_case_table(results_dir: str | Path, fold: int) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the uncertainty step (notebook 03)")
     return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction U-net and Dice regression (notebooks 04 and 05)
+#
+#   fold<k>/rec_unet/        best.keras, last.keras, history.csv, state.json
+#   fold<k>/rec/maps/        <subject>.npz: reconstruction, error, abs_error (float16)
+#   fold<k>/rec/rec_cases.csv error scores and reconstruction quality of every case
+#   fold<k>/dr/<variant>/<input>/  one Dice regressor each (main / widened x 3 input pairs)
+#   fold<k>/dr/widened/      <subject>.npz: extra training pairs of training cases (cache)
+#   fold<k>/dr/dr_cases.csv  predicted Dice of validation and test cases per model
+
+
+def fold_subjects(results_dir: str | Path, fold: int) -> dict[str, str]:
+    """Subject -> split of one fold (cases whose preprocessing failed left out), read from the
+    folds table alone: no image and no ground truth is loaded."""
+    _, prep, folds = cohort.load(results_dir)
+    failed = set(prep.loc[prep["status"] == "failed", "subject_id"])
+    table = folds[(folds["fold"] == fold) & ~folds["subject_id"].isin(failed)]
+    if table.empty:
+        raise ValueError(f"fold {fold} has no cases in {results_dir}")
+    order = {s: i for i, s in enumerate(SPLITS)}
+    table = table.sort_values("split", key=lambda s: s.map(order), kind="stable")
+    return dict(zip(table["subject_id"], table["split"], strict=True))
+
+
+def mc_predictions(results_dir: str | Path, fold: int, subjects) -> dict[str, np.ndarray]:
+    """The MC U-net's binary predictions (``fold<k>/mc/maps``) of the given subjects."""
+    maps = FoldPaths.under(results_dir, fold).mc / "maps"
+    out = {}
+    for sid in subjects:
+        path = maps / f"{sid}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run the uncertainty step (notebook 03)")
+        with np.load(path) as z:
+            out[sid] = z["prediction"] > 0
+    return out
+
+
+def qc_images(results_dir: str | Path, subjects) -> list:
+    """FLAIR and brain of the given subjects, read without their ground truth."""
+    from .reconstruction import load_qc_image
+
+    cache = cohort.CohortPaths.under(results_dir).cache
+    return [load_qc_image(cache, sid) for sid in subjects]
+
+
+def rec_config(profile: Profile):
+    from .models import UNetConfig
+
+    return UNetConfig.from_section(profile.section("rec_unet"), in_channels=1)
+
+
+def train_rec_unet(profile: Profile, results_dir: str | Path, fold: int,
+                   seed: int | None = None, progress: bool = True):
+    """Train (or resume, or reuse) the fold's reconstruction U-net; returns a TrainResult.
+
+    Training zeroes the ground-truth lesions of the fold's training cases; validation (model
+    choice) zeroes the validation cases' MC predictions, as QC will.
+    """
+    from .models import build_rec_unet
+    from .reconstruction import fit_rec_unet
+
+    section = profile.section("rec_unet")
+    cfg = rec_config(profile)
+    _check_divisible(profile, cfg.divisor, section["patch"])
+    seed = profile.seed + fold if seed is None else seed
+    subjects = fold_subjects(results_dir, fold)
+    cache = cohort.CohortPaths.under(results_dir).cache
+    train = [preprocess.load_case(cache, s) for s, split in subjects.items() if split == "train"]
+    val_ids = [s for s, split in subjects.items() if split == "val"]
+    return fit_rec_unet(lambda: build_rec_unet(None, cfg), train, qc_images(results_dir, val_ids),
+                        mc_predictions(results_dir, fold, val_ids),
+                        FoldPaths.under(results_dir, fold).rec_unet, section, seed,
+                        progress=progress)
+
+
+def run_error_maps(profile: Profile, results_dir: str | Path, fold: int, model,
+                   progress: bool = True) -> pd.DataFrame:
+    """Error maps of every case of the fold with its MC prediction zeroed; writes the maps,
+    ``rec/rec_cases.csv`` and the fold's per-case table. Never reads a ground-truth mask."""
+    from .reconstruction import model_tag
+    from .reconstruction import run_error_maps as _run
+
+    paths = FoldPaths.under(results_dir, fold)
+    subjects = fold_subjects(results_dir, fold)
+    table = _run(model, qc_images(results_dir, subjects), mc_predictions(results_dir, fold,
+                                                                         subjects),
+                 subjects, paths.rec, fold, profile.section("rec_unet"),
+                 tag=model_tag(paths.rec_unet), progress=progress)
+    table = table.drop(columns=["model_tag", "prediction_digest"], errors="ignore")
+    table.to_csv(paths.rec / "rec_cases.csv", index=False)
+    write_case_table(results_dir, fold)
+    return table
+
+
+def rec_example_images(results_dir: str | Path, fold: int, subject_id: str) -> dict:
+    """One case's reconstruction input, reconstruction, original FLAIR, error maps and
+    prediction as NIfTI on the profile grid, for figures."""
+    import nibabel as nib
+
+    from .reconstruction import load_error_maps, zero_region
+
+    paths = FoldPaths.under(results_dir, fold)
+    image = qc_images(results_dir, [subject_id])[0]
+    with np.load(preprocess.case_dir(cohort.CohortPaths.under(results_dir).cache, subject_id)
+                 / "case.npz") as z:
+        affine = z["affine"]
+    pred = mc_predictions(results_dir, fold, [subject_id])[subject_id]
+    maps = load_error_maps(paths.rec / "maps" / f"{subject_id}.npz")
+    volumes = {"input": zero_region(image.flair, pred), "reconstruction": maps["reconstruction"],
+               "original": image.flair, "error": maps["error"],
+               "abs_error": maps["abs_error"], "prediction": pred.astype(np.uint8)}
+    return {k: nib.Nifti1Image(np.asarray(v, dtype=np.float32), affine)
+            for k, v in volumes.items()}
+
+
+@dataclass
+class DiceRegressionResult:
+    """The fold's Dice regressors and their predictions."""
+
+    models: dict  # (variant, input kind) -> TrainResult
+    table: pd.DataFrame  # dr_cases.csv
+    n_pairs: dict  # variant -> number of training pairs
+
+
+def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
+                          seed: int | None = None, progress: bool = True
+                          ) -> DiceRegressionResult:
+    """Train (or reuse) the three Dice regressors of the fold, main and widened variant;
+    predict validation and test cases; write ``dr/dr_cases.csv`` and the per-case table.
+
+    Targets are the true Dice of the fold's training cases (validation cases choose the
+    checkpoint); no test target is read. Widening uses training cases only.
+    """
+    import keras
+
+    from . import regression as rg
+    from .models import build_dice_regressor
+    from .reconstruction import load_error_maps, model_tag
+
+    section = profile.section("dice_regression")
+    rec_section = profile.section("rec_unet")
+    seed = profile.seed + fold if seed is None else seed
+    paths = FoldPaths.under(results_dir, fold)
+    subjects = fold_subjects(results_dir, fold)
+    ids = {s: [sid for sid, sp in subjects.items() if sp == s] for s in SPLITS}
+    mc_table = pd.read_csv(paths.mc / "mc_cases.csv").set_index("subject_id")
+    targets = {s: mc_table.loc[ids[s], "true_dice"].to_numpy(np.float32)
+               for s in ("train", "val")}  # test targets are never read here
+
+    images = {im.subject_id: im for im in qc_images(results_dir, subjects)}
+    inputs: dict[str, rg.CaseInputs] = {}
+    for sid in subjects:
+        with np.load(paths.mc / "maps" / f"{sid}.npz") as z:
+            pred, mean, entropy = (z["prediction"] > 0, z["mean"].astype(np.float32),
+                                   z["entropy"].astype(np.float32))
+        error = load_error_maps(paths.rec / "maps" / f"{sid}.npz")["error"]
+        inputs[sid] = rg.CaseInputs(sid, images[sid], pred, mean, entropy, error)
+
+    widen = section.get("widen") or {}
+    variants = ["main"] + (["widened"] if widen.get("enabled", True) and widen else [])
+    extra: dict[str, dict] = {}
+    if "widened" in variants:
+        rec_model = keras.models.load_model(paths.rec_unet / "best.keras", compile=False)
+        tag = model_tag(paths.rec_unet)
+        cache = cohort.CohortPaths.under(results_dir).cache
+        for sid in ids["train"]:  # ground truth of training cases only
+            case = preprocess.load_case(cache, sid)
+            extra[sid] = rg.widened_pairs(rec_model, inputs[sid], case.lesion, case.ignore,
+                                          widen, paths.dr / "widened" / f"{sid}.npz", tag,
+                                          int(rec_section.get("infer_batch", 4)))
+
+    shape = tuple(profile.preprocess.shape)
+    batch = int(section["batch_size"])
+    steps = section.get("steps_per_epoch") or max(1, int(np.ceil(len(ids["train"]) / batch)))
+
+    def build():
+        return build_dice_regressor(shape, 2, section["filters"],
+                                    int(section.get("input_pool", 1)),
+                                    float(section.get("negative_slope", 0.3)))
+
+    models, n_pairs, predicted = {}, {}, {}
+    for kind in rg.INPUT_KINDS:
+        main = rg.RegressionSet(np.stack([inputs[s].pair(kind) for s in ids["train"]]),
+                                targets["train"], list(ids["train"]))
+        val = rg.RegressionSet(np.stack([inputs[s].pair(kind) for s in ids["val"]]),
+                               targets["val"], list(ids["val"]))
+        test_x = np.stack([inputs[s].pair(kind) for s in ids["test"]])
+        for variant in variants:
+            train = main
+            if variant == "widened":
+                xs, ys, names = [main.x], [main.y], list(main.ids)
+                for sid in ids["train"]:
+                    e, case = extra[sid], inputs[sid]
+                    for j, name in enumerate(e["names"]):
+                        maps = {"flair": case.image.flair, "entropy": case.entropy,
+                                "error": e["error"][j]}
+                        xs.append(rg.input_pair(kind, e["masks"][j], **maps)[None])
+                        ys.append(e["dice"][j:j + 1])
+                        names.append(f"{sid}:{name}")
+                train = rg.RegressionSet(np.concatenate(xs), np.concatenate(ys), names)
+            n_pairs[variant] = len(train.ids)
+            if progress:
+                print(f"Dice regressor {rg.INPUT_LABELS[kind]}, {variant}: "
+                      f"{len(train.ids)} training pairs", flush=True)
+            result = rg.fit_dice_regressor(build, train, val, paths.dr / variant / kind,
+                                           section, seed, steps=int(steps), progress=progress)
+            models[(variant, kind)] = result
+            column = rg.column_name(kind, variant)
+            predicted[column] = dict(zip(ids["val"], rg.predict_dice(result.model, val.x),
+                                         strict=True))
+            predicted[column].update(zip(ids["test"], rg.predict_dice(result.model, test_x),
+                                         strict=True))
+            del train
+
+    rows = [{"fold": fold, "subject_id": sid, "split": split,
+             **{c: float(v[sid]) if sid in v else np.nan for c, v in predicted.items()}}
+            for sid, split in subjects.items()]
+    table = rg.write_table(rows, paths.dr / "dr_cases.csv")
+    write_case_table(results_dir, fold)
+    return DiceRegressionResult(models, table, n_pairs)

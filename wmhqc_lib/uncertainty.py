@@ -17,6 +17,7 @@ Per case:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,14 +153,22 @@ def save_native(maps: UncertaintyMaps, case: PreprocessedCase, folder: Path) -> 
 def run_mc_inference(model: keras.Model, cases: Sequence[PreprocessedCase],
                      splits: dict[str, str], out_dir: str | Path, n_samples: int, batch: int,
                      voxel_ml: float, fold: int, native_for: Sequence[str] = (),
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, model_key: str = "") -> pd.DataFrame:
     """MC inference on every case of a fold; writes ``maps/<id>.npz``, native NIfTI for the
     subjects in ``native_for`` and returns the per-case table (also ``mc_cases.csv``).
 
-    Cases whose maps already exist are read back instead of recomputed, so an interrupted run
-    continues where it stopped.
+    Cases whose maps already exist for the same ``model_key`` (which model, how many samples)
+    are read back instead of recomputed, so an interrupted run continues where it stopped; a
+    different key (a retrained model) discards them all.
     """
     out_dir = Path(out_dir)
+    key = json.dumps({"model": model_key, "n_samples": n_samples})
+    key_path = out_dir / "inference.json"
+    if not key_path.exists() or key_path.read_text() != key:
+        for folder in ("maps", "rows", "native"):
+            shutil.rmtree(out_dir / folder, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        key_path.write_text(key)
     rows = []
     for case in tqdm(cases, desc=f"MC inference fold {fold}", unit="case", disable=not progress):
         map_path = out_dir / "maps" / f"{case.subject_id}.npz"
