@@ -5,6 +5,8 @@
 #   make test                      lint + test suite
 #   make bench                     MC U-net speed figures (training, MC batched vs naive)
 #   make install GPU=1             CUDA TensorFlow for a GPU node
+#   make slurm PARTITION=gpu ACCOUNT=proj GPUS=1 TIME=12:00:00   SLURM job array, one task
+#                                  per fold (DRY_RUN=1: write scripts only; SLURM_ARGS=...)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,14 +15,20 @@ FOLDS ?=
 DATA_ROOT ?=
 RESULTS ?= results/$(PROFILE)
 GPU ?=
+PARTITION ?=
+ACCOUNT ?=
+GPUS ?=
+TIME ?=
+DRY_RUN ?=
+SLURM_ARGS ?=
 EXTRA := $(if $(GPU),gpu,cpu)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test lint reproduce bench synth clean help
+.PHONY: install test lint reproduce slurm bench synth clean help
 
 help:
-	@sed -n '2,8p' Makefile
+	@sed -n '2,/^[^#]/{/^#/p}' Makefile
 
 install: $(STAMP)
 
@@ -41,6 +49,15 @@ test: install lint
 reproduce: install
 	$(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
 		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS))
+
+# One data job, then an array job with one task per fold, then the all-fold chapters and the
+# book (see wmhqc_lib/slurm.py); TIME is the limit of each fold task.
+slurm: install
+	@test -n "$(PARTITION)" || { echo "make slurm: set PARTITION=<partition>" >&2; exit 2; }
+	$(BIN)/wmhqc slurm --profile $(PROFILE) --results $(RESULTS) --partition $(PARTITION) \
+		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) \
+		$(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(TIME),--time-fold $(TIME)) $(if $(DRY_RUN),--dry-run) $(SLURM_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_mc.py --profile $(PROFILE)

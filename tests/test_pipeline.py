@@ -39,6 +39,14 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
     uncertainty_page = (html / "notebooks" / "03_uncertainty.html").read_text()
     assert "Pearson r" in uncertainty_page
     assert len(re.findall(r'<img[^>]+src="\.\./_images/', uncertainty_page)) >= 1
+    for chapter in ("04_rec_unet", "05_dice_regression"):
+        text = (html / "notebooks" / f"{chapter}.html").read_text()
+        assert "plotly-graph-div" in text and "synthetic cohort" in text, chapter
+    rec_page = (html / "notebooks" / "04_rec_unet.html").read_text()
+    assert "Pearson r" in rec_page and "validation SSIM" in rec_page
+    assert len(re.findall(r'<img[^>]+src="\.\./_images/', rec_page)) >= 1  # Figure 2, right
+    dr_page = (html / "notebooks" / "05_dice_regression.html").read_text()
+    assert "MAE = " in dr_page and "widened variant" in dr_page
 
 
 def test_book_pages_load_nothing_from_the_network(smoke_run):
@@ -72,6 +80,14 @@ def test_data_step_writes_its_artifacts(smoke_run, smoke_manifest):
     assert cases[["true_dice", "uncertainty_vs", "pairwise_dice"]].notna().all().all()
     assert len(list((results / "fold1" / "mc" / "native").glob("*_entropy.nii.gz"))) == \
         (cases["split"] == "test").sum()
+    rec_columns = ["error_vs", "error_vs_abs", "mean_abs_error_lesion", "rec_ssim", "rec_mae"]
+    assert cases[rec_columns].notna().all().all()
+    assert len(list((results / "fold1" / "rec" / "maps").glob("*.npz"))) == n
+    dr_columns = [f"dr_{k}{v}" for v in ("", "_widened") for k in ("image", "uncertainty",
+                                                                    "error")]
+    scored = cases["split"].isin(["val", "test"])
+    assert cases.loc[scored, dr_columns].notna().all().all()
+    assert cases.loc[~scored, dr_columns].isna().all().all()  # training rows left empty
 
 
 def test_rerun_skips_unchanged_steps_and_reruns_changed_ones(smoke_run, smoke_cohort):

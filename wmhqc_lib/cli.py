@@ -98,7 +98,33 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import pipeline
 
     return pipeline.reproduce(args.profile, data_root=args.data_root, results_dir=args.results,
-                              folds=args.folds or (), seed=args.seed, build=not args.no_book)
+                              folds=args.folds or (), seed=args.seed, build=not args.no_book,
+                              stage=args.stage)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from . import slurm
+
+    settings = slurm.ClusterSettings(
+        partition=args.partition, account=args.account, time_data=args.time_data,
+        time_fold=args.time_fold, time_final=args.time_final, gpus=args.gpus,
+        gpu_option=args.gpu_option, gpu_type=args.gpu_type, cpus=args.cpus, mem=args.mem,
+        max_parallel=args.max_parallel, extra_sbatch=tuple(args.sbatch_option),
+        setup=args.setup, backend=args.backend)
+    jobs = slurm.plan(args.profile, results_dir=args.results, folds=args.folds or (),
+                      data_root=args.data_root, seed=args.seed)
+    try:
+        ids = slurm.submit(jobs, settings, dry_run=args.dry_run)
+    except slurm.SlurmError as exc:
+        print(f"wmhqc: error: {exc}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(f"dry run: scripts written to {jobs.script_dir}, nothing submitted")
+    else:
+        print(f"data job {ids['data']} -> fold array {ids['folds']} "
+              f"(folds {slurm.array_spec(jobs.folds)}) -> final job {ids['final']}; "
+              f"logs in {jobs.log_dir}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -197,7 +223,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, nargs="*", default=None,
                    help="folds to run for per-fold steps (default: all)")
     p.add_argument("--no-book", action="store_true", help="skip the book build")
+    p.add_argument("--stage", choices=("data", "folds", "final"), default=None,
+                   help="run one part of the chain (as the cluster jobs do): data = all-fold "
+                        "steps before the first per-fold one, folds = per-fold steps, final = "
+                        "the remaining all-fold steps and the book (default: everything)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("slurm", help="submit the study to a SLURM cluster (job array)",
+                       description="Write three job scripts under <results>/slurm and submit "
+                                   "them with sbatch: the data job, an array with one task "
+                                   "per fold (after the data job), and the final all-fold "
+                                   "job with the book (after the whole array).")
+    add_profile(p)
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="real data (cohort root or one dataset); default: synthetic cohort")
+    p.add_argument("--results", type=Path, default=None, help="default: results/<profile>")
+    p.add_argument("--folds", type=int, nargs="*", default=None,
+                   help="array tasks, one per fold (default: all of the profile's folds)")
+    p.add_argument("--partition", required=True)
+    p.add_argument("--account", default=None)
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per fold task (default 0)")
+    p.add_argument("--gpu-option", choices=("gres", "gpus"), default="gres",
+                   help="request GPUs as --gres=gpu:N (default) or --gpus=N")
+    p.add_argument("--gpu-type", default=None, help="e.g. a100: --gres=gpu:a100:N")
+    p.add_argument("--time-data", default="02:00:00", help="data job limit (default 02:00:00)")
+    p.add_argument("--time-fold", default="24:00:00",
+                   help="limit per fold task (default 24:00:00)")
+    p.add_argument("--time-final", default="02:00:00",
+                   help="final job limit (default 02:00:00)")
+    p.add_argument("--cpus", type=int, default=4, help="CPUs per job (default 4)")
+    p.add_argument("--mem", default="32G", help="memory per job (default 32G)")
+    p.add_argument("--max-parallel", type=int, default=None,
+                   help="at most this many fold tasks at once (--array=...%%N)")
+    p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
+                   help="extra #SBATCH option for every job (repeatable), written with =: "
+                        "--sbatch-option=--qos=long")
+    p.add_argument("--setup", default="source .venv/bin/activate",
+                   help="shell line run in the repository before wmhqc (default: "
+                        "'source .venv/bin/activate'), e.g. 'module load cuda && source ...'")
+    p.add_argument("--backend", default=None, help="KERAS_BACKEND for the jobs, e.g. jax")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only write the scripts and print the sbatch command lines")
+    p.set_defaults(func=cmd_slurm)
 
     p = sub.add_parser("evaluate", help="metrics of one QC score from a per-case CSV (JSON)",
                        description="Evaluate one QC score against true Dice; prints one JSON "

@@ -144,3 +144,56 @@ def conv_flops(model: keras.Model, spatial: Sequence[int]) -> float:
             voxels = out_shape[1] * out_shape[2] * out_shape[3]
             total += 2.0 * k_vol * kernel[3] * kernel[4] * voxels
     return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction U-net and Dice regressor (the paper's second and third QC families)
+
+
+def build_rec_unet(shape: Sequence[int] | None, cfg: UNetConfig) -> keras.Model:
+    """Reconstruction U-net: the MC U-net's encoder-decoder and summed multi-scale heads,
+    without dropout, ending in one ReLU channel (the reconstructed FLAIR, never negative).
+
+    Input: one channel, the case's FLAIR scaled to [0, 1] with the lesion region set to 0.
+    ``cfg.in_channels`` and ``cfg.dropout`` are ignored (always 1 and 0).
+    """
+    from dataclasses import replace
+
+    cfg = replace(cfg, dropout=0.0, in_channels=1)
+    spatial = tuple(shape) if shape is not None else (None, None, None)
+    inputs = keras.Input((*spatial, 1), name="flair_zeroed")
+    decoded = _unet_trunk(inputs, cfg, mc=False)
+    out = None
+    for i, x in enumerate(decoded[-cfg.heads:]):
+        head = layers.Conv3D(1, 1, name=f"head{i + 1}")(x)
+        out = head if out is None else layers.Add(name=f"head_sum{i}")([out, head])
+        if i < cfg.heads - 1:
+            out = layers.UpSampling3D(2, name=f"head_up{i + 1}")(out)
+    flair = layers.Activation("relu", dtype="float32", name="flair_rec")(out)
+    return keras.Model(inputs, flair, name="rec_unet")
+
+
+def build_dice_regressor(shape: Sequence[int], in_channels: int = 2,
+                         filters: Sequence[int] = (16, 32, 64, 128), input_pool: int = 1,
+                         negative_slope: float = 0.3) -> keras.Model:
+    """The paper's Dice regressor: four blocks of 3^3 convolution, LeakyReLU and 2^3 max-pool
+    (16/32/64/128 filters), flatten, one dense unit with linear output (the predicted Dice).
+
+    ``input_pool`` > 1 average-pools the input first (a coarser view for CPU profiles; the
+    paper used 1). The input shape must be fixed: the dense layer sees every position.
+    """
+    smallest = min(int(s) for s in shape) // max(int(input_pool), 1) // 2 ** len(filters)
+    if smallest < 1:
+        raise ValueError(f"input {list(shape)} with input_pool {input_pool} is too small for "
+                         f"{len(filters)} max-pools: lower input_pool or use fewer blocks")
+    inputs = keras.Input((*tuple(shape), in_channels), name="pair")
+    x = inputs
+    if input_pool > 1:
+        x = layers.AveragePooling3D(input_pool, name="input_pool")(x)
+    for i, f in enumerate(filters):
+        x = layers.Conv3D(int(f), 3, padding="same", name=f"block{i + 1}_conv")(x)
+        x = layers.LeakyReLU(negative_slope=negative_slope, name=f"block{i + 1}_lrelu")(x)
+        x = layers.MaxPooling3D(2, name=f"block{i + 1}_pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    out = layers.Dense(1, activation="linear", dtype="float32", name="dice")(x)
+    return keras.Model(inputs, out, name="dice_regressor")

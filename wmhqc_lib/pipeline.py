@@ -44,6 +44,8 @@ STEPS: list[Step] = [
     Step("01_data.ipynb", watches_data=True),
     Step("02_mc_unet.ipynb", per_fold=True, depends=("01_data",)),
     Step("03_uncertainty.ipynb", per_fold=True, depends=("02_mc_unet",)),
+    Step("04_rec_unet.ipynb", per_fold=True, depends=("03_uncertainty",)),
+    Step("05_dice_regression.ipynb", per_fold=True, depends=("04_rec_unet",)),
 ]
 
 
@@ -164,13 +166,66 @@ def _failure_detail(exc: Exception) -> str:
     return f"{name}{where}: {ename} {evalue}".strip()[:500]
 
 
-def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> list[StepResult]:
-    """Run every step in order; return what ran, was skipped, failed or was blocked."""
+STAGES = ("data", "folds", "final")
+
+
+def step_stage(step: Step, steps: Sequence[Step] | None = None) -> str:
+    """The stage of a step when the chain is split over jobs (``reproduce --stage``): ``data``
+    = the all-fold steps before the first per-fold step, ``folds`` = the per-fold steps (one
+    job per fold), ``final`` = the all-fold steps after the first per-fold step (then the book).
+    """
+    steps = list(STEPS if steps is None else steps)
+    if step.per_fold:
+        return "folds"
+    first = next((i for i, s in enumerate(steps) if s.per_fold), len(steps))
+    return "data" if steps.index(step) < first else "final"
+
+
+def select_steps(stage: str | None, steps: Sequence[Step] | None = None) -> list[Step]:
+    """The steps one stage runs, in chain order (all of them for ``None``)."""
+    steps = list(STEPS if steps is None else steps)
+    if stage is None:
+        return steps
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    return [s for s in steps if step_stage(s, steps) == stage]
+
+
+def _recorded_keys(cfg: RunConfig, step: Step, folds: Sequence[int]) -> list[str] | None:
+    """Stamp keys of a step's earlier successful runs (another stage's job); None if any is
+    missing."""
+    keys = []
+    for fold in (folds if step.per_fold else [None]):
+        output, stamp, _ = step_outputs(cfg, step, fold)
+        if not (stamp.exists() and output.exists()):
+            return None
+        keys.append(json.loads(stamp.read_text()).get("key", ""))
+    return keys
+
+
+def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
+              stage: str | None = None) -> list[StepResult]:
+    """Run every step in order; return what ran, was skipped, failed or was blocked.
+
+    With ``stage`` only that stage's steps run (see :func:`step_stage`); the other steps are
+    neither run nor reported, and their recorded successful runs stand in as upstream (a step
+    that needs one without such a record is blocked).
+    """
+    chosen = {s.name for s in select_steps(stage, steps)}
+    not_run: set[str] = set()  # steps of another stage without a recorded successful run
     results: list[StepResult] = []
     digests: dict[str, str] = {}  # step name -> combined digest of its (per-fold) runs
     failed: set[str] = set()
     folds = cfg.folds or list(range(1, cfg.profile.folds.n_folds + 1))
     for step in steps:
+        if step.name not in chosen:  # run by another stage's job: use its recorded runs
+            keys = _recorded_keys(cfg, step, folds)
+            if keys is None:
+                failed.add(step.name)
+                not_run.add(step.name)
+            else:
+                digests[step.name] = _digest(keys)
+            continue
         fold_digests = []
         for fold in (folds if step.per_fold else [None]):
             label = step.name if fold is None else f"{step.name} fold {fold}"
@@ -179,6 +234,9 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> list[Step
             if blocked:
                 results.append(StepResult(step.name, fold, "blocked",
                                           detail=f"needs {', '.join(blocked)}"))
+                if not_run.intersection(blocked):
+                    results[-1].detail += (f" (no successful run under {cfg.results_dir}: "
+                                           "run its stage first)")
                 continue
             key = _step_key(cfg, step, fold, digests)
             if stamp.exists() and output.exists() and \
@@ -291,13 +349,21 @@ def timing_table(results: Sequence[StepResult]) -> str:
 
 def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
               results_dir: str | Path | None = None, folds: Sequence[int] = (),
-              seed: int | None = None, build: bool = True) -> int:
-    """Synthesize data if needed, run every step, build the book; returns an exit code."""
+              seed: int | None = None, build: bool = True, stage: str | None = None) -> int:
+    """Synthesize data if needed, run every step, build the book; returns an exit code.
+
+    ``stage`` (``data``, ``folds`` or ``final``, see :func:`step_stage`) runs one part of the
+    chain, for a cluster job per part: only the data stage synthesizes the default cohort,
+    only the final stage (or a whole run) builds the book.
+    """
     from . import synth
 
+    select_steps(stage)  # an unknown stage fails here, before any work
     profile = load_profile(profile_name)
     results = []
     overall = time.perf_counter()
+    if data_root is None and stage not in (None, "data"):
+        data_root = default_data_root(profile)  # made by the data stage's job
     if data_root is None:
         data_root = default_data_root(profile)
         start = time.perf_counter()
@@ -317,9 +383,9 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
     cfg = RunConfig(profile=profile, data_root=Path(data_root).resolve(),
                     results_dir=Path(results_dir or REPO_ROOT / "results" / profile.name).resolve(),
                     folds=list(folds), seed=seed)
-    results += run_steps(cfg)
+    results += run_steps(cfg, stage=stage)
     failed = [r for r in results if r.status in ("failed", "blocked")]
-    if build and not failed:
+    if build and stage in (None, "final") and not failed:
         start = time.perf_counter()
         try:
             index = build_book(cfg)

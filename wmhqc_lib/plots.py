@@ -164,3 +164,92 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                         va="center", ha="right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def training_curves(history: pd.DataFrame, score: str, score_label: str, title: str,
+                    higher_is_better: bool = True,
+                    score_range: Sequence[float] | None = None) -> go.Figure:
+    """Training loss and a validation score per epoch (any model), best epoch marked."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=history["epoch"], y=history["loss"], name="training loss",
+                             mode="lines+markers"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=history["epoch"], y=history[score], name=score_label,
+                             mode="lines+markers"), secondary_y=True)
+    if history[score].notna().any():
+        best = history.loc[history[score].idxmax() if higher_is_better
+                           else history[score].idxmin()]
+        fig.add_vline(x=best["epoch"], line_dash="dot",
+                      annotation_text=f"best epoch {int(best['epoch'])}")
+    fig.update_layout(title=title, height=380, margin={"t": 60})
+    fig.update_xaxes(title="epoch")
+    fig.update_yaxes(title="loss", secondary_y=False)
+    fig.update_yaxes(title=score_label, secondary_y=True,
+                     range=list(score_range) if score_range is not None else None)
+    return fig
+
+
+def regression_curves(histories: Mapping[str, pd.DataFrame], title: str,
+                      score: str = "val_huber") -> go.Figure:
+    """Training loss (left) and validation loss (right) per epoch of several models, each
+    model's best (lowest) validation epoch marked with a star."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "validation loss"))
+    colours = px.colors.qualitative.Plotly
+    for i, (name, h) in enumerate(histories.items()):
+        colour = colours[i % len(colours)]
+        fig.add_trace(go.Scatter(x=h["epoch"], y=h["loss"], name=name, mode="lines",
+                                 legendgroup=name, line={"color": colour}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=h["epoch"], y=h[score], name=name, mode="lines",
+                                 legendgroup=name, showlegend=False, line={"color": colour}),
+                      row=1, col=2)
+        if h[score].notna().any():
+            best = h.loc[h[score].idxmin()]
+            fig.add_trace(go.Scatter(x=[best["epoch"]], y=[best[score]], mode="markers",
+                                     marker={"symbol": "star", "size": 11, "color": colour},
+                                     legendgroup=name, showlegend=False,
+                                     hovertext=f"{name}: best epoch {int(best['epoch'])}"),
+                          row=1, col=2)
+    fig.update_layout(title=title, height=400, margin={"t": 70})
+    fig.update_xaxes(title="epoch")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def predicted_dice_scatter(table: pd.DataFrame, columns: Mapping[str, str], title: str,
+                           dice_column: str = "true_dice") -> go.Figure:
+    """Predicted against true Dice, one panel per model (``{label: column}``), each with the
+    identity line and its Pearson r and mean absolute error (the paper's Figure 3c-e)."""
+    from plotly.subplots import make_subplots
+    from scipy.stats import pearsonr
+
+    titles = []
+    for label, column in columns.items():
+        data = table[[column, dice_column]].dropna()
+        ok = len(data) > 2 and np.ptp(data[column]) > 0 and np.ptp(data[dice_column]) > 0
+        r = pearsonr(data[column], data[dice_column])[0] if ok else float("nan")
+        mae = float(np.mean(np.abs(data[column] - data[dice_column]))) if len(data) else \
+            float("nan")
+        titles.append(f"{label}<br>r = {r:.3f}, MAE = {mae:.3f}, n = {len(data)}")
+    fig = make_subplots(rows=1, cols=len(columns), subplot_titles=titles,
+                        shared_yaxes=True, horizontal_spacing=0.05)
+    sites = sorted(table["site"].dropna().unique()) if "site" in table.columns else [None]
+    colours = dict(zip(sites, px.colors.qualitative.Plotly * 4, strict=False))
+    for i, column in enumerate(columns.values(), start=1):
+        for site in sites:
+            part = table if site is None else table[table["site"] == site]
+            part = part.dropna(subset=[column, dice_column])
+            fig.add_trace(go.Scatter(x=part[dice_column], y=part[column], mode="markers",
+                                     name=str(site), legendgroup=str(site), showlegend=i == 1,
+                                     marker={"color": colours[site]},
+                                     hovertext=part.get("subject_id")), row=1, col=i)
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", showlegend=False,
+                                 line={"dash": "dot", "color": "grey"}, hoverinfo="skip"),
+                      row=1, col=i)
+        fig.update_xaxes(title="true lesion Dice", range=[-0.02, 1.02], row=1, col=i)
+    fig.update_yaxes(title="predicted Dice", row=1, col=1)
+    fig.update_layout(title=title, height=420, margin={"t": 110})
+    fig.update_annotations(font_size=11)
+    return fig

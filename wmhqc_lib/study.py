@@ -278,7 +278,8 @@ def rec_example_images(results_dir: str | Path, fold: int, subject_id: str) -> d
     maps = load_error_maps(paths.rec / "maps" / f"{subject_id}.npz")
     volumes = {"input": zero_region(image.flair, pred), "reconstruction": maps["reconstruction"],
                "original": image.flair, "error": maps["error"],
-               "abs_error": maps["abs_error"], "prediction": pred.astype(np.uint8)}
+               "abs_error": maps["abs_error"], "darker": np.clip(-maps["error"], 0.0, None),
+               "prediction": pred.astype(np.uint8)}
     return {k: nib.Nifti1Image(np.asarray(v, dtype=np.float32), affine)
             for k, v in volumes.items()}
 
@@ -290,6 +291,24 @@ class DiceRegressionResult:
     models: dict  # (variant, input kind) -> TrainResult
     table: pd.DataFrame  # dr_cases.csv
     n_pairs: dict  # variant -> number of training pairs
+
+    def summary(self) -> pd.DataFrame:
+        """One row per model: training pairs, epochs, best epoch and validation loss, time."""
+        from .regression import INPUT_LABELS
+
+        return pd.DataFrame([{
+            "input pair": INPUT_LABELS[kind], "variant": variant,
+            "training pairs": self.n_pairs[variant], "epochs": r.state.get("epochs_run"),
+            "best epoch": r.state.get("best_epoch"),
+            "best val Huber": r.state.get("best_val_huber"),
+            "training s": round(float(r.history["seconds"].sum()), 1),
+            "reused": r.skipped} for (variant, kind), r in self.models.items()])
+
+    def histories(self) -> dict[str, pd.DataFrame]:
+        from .regression import INPUT_LABELS
+
+        return {f"{INPUT_LABELS[kind]} ({variant})": r.history
+                for (variant, kind), r in self.models.items()}
 
 
 def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,

@@ -370,7 +370,8 @@ def native_affine(grid: Grid, rng: np.random.Generator) -> np.ndarray:
     return aff
 
 
-def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A rotation matrix with angles drawn uniformly within +-``max_deg`` about each axis."""
     a = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
     cx, cy, cz = np.cos(a)
     sx, sy, sz = np.sin(a)
@@ -392,7 +393,7 @@ class Pose:
         centre_vox = (head.min(axis=0) + head.max(axis=0)) / 2.0
         centre_mm = anat.affine[:3, :3] @ centre_vox + anat.affine[:3, 3]
         m = np.eye(4)
-        m[:3, :3] = _rotation(rng, 8.0)
+        m[:3, :3] = random_rotation(rng, 8.0)
         m[:3, 3] = centre_mm + rng.uniform(-5, 5, size=3)
         return cls(m)
 

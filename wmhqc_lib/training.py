@@ -23,6 +23,7 @@ from scipy import ndimage as ndi
 from .metrics import dice
 from .models import MCDropout
 from .preprocess import PreprocessedCase
+from .synth import random_rotation
 
 EPS = 1e-6
 
@@ -117,13 +118,7 @@ class Augmentation:
 
 
 def _rotation_matrix(rng: np.random.Generator, max_deg: float, scale: float) -> np.ndarray:
-    a = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
-    cx, cy, cz = np.cos(a)
-    sx, sy, sz = np.sin(a)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx * rng.uniform(1 - scale, 1 + scale)
+    return random_rotation(rng, max_deg) * rng.uniform(1 - scale, 1 + scale)
 
 
 def sample_patch(case: PreprocessedCase, patch: Sequence[int], rng: np.random.Generator,
@@ -216,7 +211,9 @@ class WholeVolumeValidation(keras.callbacks.Callback):
     the last state for resuming and the history as CSV."""
 
     def __init__(self, val_cases: Sequence[PreprocessedCase], folder: Path, patience: int,
-                 dataset: PatchDataset, state: dict, progress: bool = True):
+                 dataset: PatchDataset, state: dict, progress: bool = True, *,
+                 score: Callable[[keras.Model], float] | None = None,
+                 score_name: str = "val_dice", mode: str = "max"):
         super().__init__()
         self.val_cases = list(val_cases)
         self.folder = folder
@@ -225,20 +222,25 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         self.state = state
         self.progress = progress
         self.epoch_start = time.perf_counter()
+        # another model's validation: ``score(model)``, kept as ``score_name``, best by ``mode``
+        self.score = score or (lambda model: validation_dice(model, self.val_cases))
+        self.score_name = score_name
+        self.sign = 1.0 if mode == "max" else -1.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        val = validation_dice(self.model, self.val_cases)
+        val = float(self.score(self.model))
         seconds = time.perf_counter() - self.epoch_start
-        row = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)), "val_dice": val,
-               "seconds": round(seconds, 2)}
+        row = {"epoch": epoch + 1, "loss": float(logs.get("loss", np.nan)),
+               self.score_name: val, "seconds": round(seconds, 2)}
         self.state["history"].append(row)
-        improved = np.isfinite(val) and val > self.state.get("best_val_dice", -np.inf)
+        best = self.state.get(f"best_{self.score_name}", -self.sign * np.inf)
+        improved = np.isfinite(val) and self.sign * val > self.sign * best
         if improved:
-            self.state.update(best_val_dice=val, best_epoch=epoch + 1)
+            self.state.update({f"best_{self.score_name}": val, "best_epoch": epoch + 1})
             self.model.save(self.folder / "best.keras")
         self.state["epochs_run"] = epoch + 1
         self.model.save(self.folder / "last.keras")
@@ -246,7 +248,8 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         pd.DataFrame(self.state["history"]).to_csv(self.folder / "history.csv", index=False)
         if self.progress:
             mark = " *" if improved else ""
-            print(f"epoch {epoch + 1}: loss {row['loss']:.4f}  val Dice {val:.3f}  "
+            label = "val Dice" if self.score_name == "val_dice" else self.score_name
+            print(f"epoch {epoch + 1}: loss {row['loss']:.4f}  {label} {val:.3f}  "
                   f"({seconds:.1f} s){mark}", flush=True)
         if epoch + 1 - self.state.get("best_epoch", 0) >= self.patience:
             self.model.stop_training = True
@@ -278,17 +281,43 @@ def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[Prepro
     holds ``best.keras`` (best validation Dice), ``last.keras`` (for resuming), ``history.csv``
     and ``state.json``; a finished run with the same settings and seed is not redone.
     """
+    key = {"section": section, "seed": seed, "train": [c.subject_id for c in train_cases],
+           "val": [c.subject_id for c in val_cases]}
+
+    def make_dataset(start_epoch: int) -> PatchDataset:
+        return PatchDataset(train_cases, section["patch"], int(section["batch_size"]),
+                            int(section["steps_per_epoch"]), seed,
+                            float(section.get("lesion_patch_fraction", 0.67)),
+                            Augmentation.from_section(section.get("augmentation")),
+                            start_epoch=start_epoch)
+
+    loss = make_loss(section.get("loss", "dice_bce"), float(section.get("bce_weight", 1.0)))
+    return fit_model(build, folder, section, seed, key=key, make_dataset=make_dataset,
+                     loss=loss, val_cases=val_cases, progress=progress)
+
+
+def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dict, seed: int,
+              *, key: dict, make_dataset: Callable[[int], keras.utils.PyDataset],
+              loss: Callable, val_cases: Sequence = (),
+              score: Callable[[keras.Model], float] | None = None,
+              score_name: str = "val_dice", mode: str = "max",
+              progress: bool = True) -> TrainResult:
+    """The training loop behind :func:`fit_segmenter`, for any model of the study.
+
+    ``key`` (JSON-able) says what the run depends on: a finished run with the same key is
+    reused, an interrupted one resumes. ``make_dataset(start_epoch)`` gives the training
+    batches; ``score(model)`` the validation score each epoch (default: whole-volume Dice of
+    ``val_cases``), recorded as ``score_name``; the best checkpoint is its ``mode`` (max/min).
+    ``section`` supplies epochs, patience and learning_rate.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    key = json.dumps({"section": section, "seed": seed,
-                      "train": [c.subject_id for c in train_cases],
-                      "val": [c.subject_id for c in val_cases]}, sort_keys=True, default=str)
+    key = json.dumps(key, sort_keys=True, default=str)
     state_path = folder / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state.get("key") != key:
         state = {"key": key, "history": [], "epochs_run": 0, "done": False}
     custom = {"MCDropout": MCDropout}
-    loss = make_loss(section.get("loss", "dice_bce"), float(section.get("bce_weight", 1.0)))
     if state.get("done") and (folder / "best.keras").exists():
         model = keras.models.load_model(folder / "best.keras", custom_objects=custom,
                                         compile=False)
@@ -304,13 +333,9 @@ def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[Prepro
         model = build()
     # on resume the weights come back; Adam's moment estimates start afresh
     model.compile(optimizer=keras.optimizers.Adam(float(section["learning_rate"])), loss=loss)
-    dataset = PatchDataset(train_cases, section["patch"], int(section["batch_size"]),
-                           int(section["steps_per_epoch"]), seed,
-                           float(section.get("lesion_patch_fraction", 0.67)),
-                           Augmentation.from_section(section.get("augmentation")),
-                           start_epoch=state["epochs_run"])
+    dataset = make_dataset(state["epochs_run"])
     callback = WholeVolumeValidation(val_cases, folder, int(section["patience"]), dataset, state,
-                                     progress)
+                                     progress, score=score, score_name=score_name, mode=mode)
     if not state.get("stopped_early") and state["epochs_run"] < int(section["epochs"]):
         model.fit(dataset, epochs=int(section["epochs"]), initial_epoch=state["epochs_run"],
                   callbacks=[callback], verbose=0)
