@@ -36,6 +36,10 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
     for chapter in ("02_mc_unet", "03_uncertainty"):
         text = (html / "notebooks" / f"{chapter}.html").read_text()
         assert "plotly-graph-div" in text and "synthetic cohort" in text
+    evaluation_page = (html / "notebooks" / "06_evaluation.html").read_text()
+    assert '"sliders"' in evaluation_page  # the static threshold explorer
+    assert "Table 1" in evaluation_page and "synthetic cohort" in evaluation_page
+    assert (html / "book" / "reproduction_notes.html").exists()
     uncertainty_page = (html / "notebooks" / "03_uncertainty.html").read_text()
     assert "Pearson r" in uncertainty_page
     assert len(re.findall(r'<img[^>]+src="\.\./_images/', uncertainty_page)) >= 1

@@ -46,6 +46,7 @@ STEPS: list[Step] = [
     Step("03_uncertainty.ipynb", per_fold=True, depends=("02_mc_unet",)),
     Step("04_rec_unet.ipynb", per_fold=True, depends=("03_uncertainty",)),
     Step("05_dice_regression.ipynb", per_fold=True, depends=("04_rec_unet",)),
+    Step("06_evaluation.ipynb", depends=("05_dice_regression",)),
 ]
 
 
