@@ -34,3 +34,17 @@ def smoke_manifest(smoke_cohort):
     from wmhqc_lib import datasets
 
     return datasets.index_cohort(smoke_cohort).manifest
+
+
+def run_on_jax(script: str) -> str:
+    """Run ``script`` in a fresh interpreter with the JAX backend (Keras picks its backend at
+    import, so it cannot switch inside this process); returns stdout, fails with stderr."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -3,12 +3,9 @@ reach ground truth."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from conftest import run_on_jax
 
 from wmhqc_lib import reconstruction as rc
 from wmhqc_lib.config import load_profile
@@ -248,9 +245,4 @@ print("jax ok", first, last)
 
 
 def test_rec_unet_and_regressor_run_on_jax():
-    pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "jax ok" in proc.stdout
+    assert "jax ok" in run_on_jax(JAX_SCRIPT)

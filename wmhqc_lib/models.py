@@ -104,6 +104,18 @@ def _unet_trunk(inputs, cfg: UNetConfig, mc: bool):
     return outputs
 
 
+def _summed_heads(decoded: list, heads: int):
+    """1x1 heads on the last ``heads`` decoder scales, each up-sampled and added to the next
+    finer one (Kayalibay et al.): one output channel at full resolution, before activation."""
+    out = None
+    for i, x in enumerate(decoded[-heads:]):
+        head = layers.Conv3D(1, 1, name=f"head{i + 1}")(x)
+        out = head if out is None else layers.Add(name=f"head_sum{i}")([out, head])
+        if i < heads - 1:
+            out = layers.UpSampling3D(2, name=f"head_up{i + 1}")(out)
+    return out
+
+
 def build_mc_unet(shape: Sequence[int] | None, cfg: UNetConfig) -> keras.Model:
     """MC-dropout U-net; output: foreground (lesion) probability, one channel.
 
@@ -112,13 +124,7 @@ def build_mc_unet(shape: Sequence[int] | None, cfg: UNetConfig) -> keras.Model:
     """
     spatial = tuple(shape) if shape is not None else (None, None, None)
     inputs = keras.Input((*spatial, cfg.in_channels), name="image")
-    decoded = _unet_trunk(inputs, cfg, mc=True)
-    logits = None
-    for i, x in enumerate(decoded[-cfg.heads:]):
-        head = layers.Conv3D(1, 1, name=f"head{i + 1}")(x)
-        logits = head if logits is None else layers.Add(name=f"head_sum{i}")([logits, head])
-        if i < cfg.heads - 1:
-            logits = layers.UpSampling3D(2, name=f"head_up{i + 1}")(logits)
+    logits = _summed_heads(_unet_trunk(inputs, cfg, mc=True), cfg.heads)
     probs = layers.Activation("sigmoid", dtype="float32", name="lesion_prob")(logits)
     return keras.Model(inputs, probs, name="mc_unet")
 
@@ -162,13 +168,7 @@ def build_rec_unet(shape: Sequence[int] | None, cfg: UNetConfig) -> keras.Model:
     cfg = replace(cfg, dropout=0.0, in_channels=1)
     spatial = tuple(shape) if shape is not None else (None, None, None)
     inputs = keras.Input((*spatial, 1), name="flair_zeroed")
-    decoded = _unet_trunk(inputs, cfg, mc=False)
-    out = None
-    for i, x in enumerate(decoded[-cfg.heads:]):
-        head = layers.Conv3D(1, 1, name=f"head{i + 1}")(x)
-        out = head if out is None else layers.Add(name=f"head_sum{i}")([out, head])
-        if i < cfg.heads - 1:
-            out = layers.UpSampling3D(2, name=f"head_up{i + 1}")(out)
+    out = _summed_heads(_unet_trunk(inputs, cfg, mc=False), cfg.heads)
     flair = layers.Activation("relu", dtype="float32", name="flair_rec")(out)
     return keras.Model(inputs, flair, name="rec_unet")
 
