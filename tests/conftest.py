@@ -48,3 +48,18 @@ def run_on_jax(script: str) -> str:
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def write_test_notebook(path, body: str) -> None:
+    """A two-cell notebook (a tagged ``parameters`` cell, then ``body``) for pipeline tests that
+    must not run the real chapters."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile_name = "smoke"\ndata_root = ""\n'
+                                       'results_dir = ""\nseed = None\nfold = 0')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, path)

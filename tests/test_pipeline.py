@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from conftest import write_test_notebook
 
 from wmhqc_lib import pipeline
 from wmhqc_lib.config import load_profile
@@ -107,23 +108,14 @@ def test_rerun_skips_unchanged_steps_and_reruns_changed_ones(smoke_run, smoke_co
     assert key != before
 
 
-def _notebook(path: Path, body: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('profile_name = "smoke"\ndata_root = ""\n'
-                                       'results_dir = ""\nseed = None')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(body)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nbformat.write(nb, path)
 
 
 def test_failing_step_blocks_only_its_dependants(tmp_path, monkeypatch, smoke_cohort):
     nbdir = tmp_path / "nb"
     nbdir.mkdir()
-    _notebook(nbdir / "a_fail.ipynb", "raise RuntimeError('boom in step a')")
-    _notebook(nbdir / "b_needs_a.ipynb", "print('b')")
-    _notebook(nbdir / "c_alone.ipynb", "print('c')")
+    write_test_notebook(nbdir / "a_fail.ipynb", "raise RuntimeError('boom in step a')")
+    write_test_notebook(nbdir / "b_needs_a.ipynb", "print('b')")
+    write_test_notebook(nbdir / "c_alone.ipynb", "print('c')")
     monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
     steps = [pipeline.Step("a_fail.ipynb"),
              pipeline.Step("b_needs_a.ipynb", per_fold=True, depends=("a_fail",)),

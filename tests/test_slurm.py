@@ -10,8 +10,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import nbformat
 import pytest
+from conftest import write_test_notebook
 
 from wmhqc_lib import pipeline, slurm
 from wmhqc_lib.cli import main
@@ -255,15 +255,6 @@ def test_stages_split_the_chain():
         pipeline.select_steps("book", steps)
 
 
-def _notebook(path: Path, body: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('profile_name = "smoke"\ndata_root = ""\n'
-                                       'results_dir = ""\nseed = None\nfold = 0')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(body)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nbformat.write(nb, path)
 
 
 @pytest.fixture
@@ -272,7 +263,7 @@ def tiny_chain(tmp_path, monkeypatch):
     nbdir = tmp_path / "nb"
     nbdir.mkdir()
     for name in ("a", "b", "c"):
-        _notebook(nbdir / f"{name}.ipynb", f"print('{name}')")
+        write_test_notebook(nbdir / f"{name}.ipynb", f"print('{name}')")
     monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
     executed = []
 
@@ -325,11 +316,11 @@ def test_stage_runs_only_its_steps_and_reads_upstream_stamps(tiny_chain):
     assert _status(blocked) == [("c", None, "blocked")] and "needs b" in blocked[0].detail
 
 
-def test_fold_stage_executes_a_real_notebook(tmp_path, monkeypatch):
+def test_fold_stage_executes_a_realwrite_test_notebook(tmp_path, monkeypatch):
     nbdir = tmp_path / "nb"
     nbdir.mkdir()
-    _notebook(nbdir / "a.ipynb", "raise RuntimeError('the data step must not run')")
-    _notebook(nbdir / "b.ipynb", "assert fold == 2, fold\nprint('fold', fold)")
+    write_test_notebook(nbdir / "a.ipynb", "raise RuntimeError('the data step must not run')")
+    write_test_notebook(nbdir / "b.ipynb", "assert fold == 2, fold\nprint('fold', fold)")
     monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
     steps = [pipeline.Step("a.ipynb"), pipeline.Step("b.ipynb", per_fold=True, depends=("a",))]
     cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=tmp_path,
