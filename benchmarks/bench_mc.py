@@ -50,7 +50,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--cases", type=int, default=3, help="cases timed for MC inference")
+    parser.add_argument("--cases", type=int, default=5, help="cases timed for MC inference")
     parser.add_argument("--steps", type=int, default=20, help="training steps timed")
     args = parser.parse_args()
     profile = load_profile(args.profile)
@@ -79,15 +79,19 @@ def main() -> None:
 
     cases = [fake_case(shape, 10 + i) for i in range(args.cases)]
     mc_samples(model, cases[0].image, n, batch)  # trace
-    t_batched = np.mean([_timed(lambda c=c: mc_samples(model, c.image, n, batch))
-                         for c in cases])
     mc_samples_naive(model, cases[0].image, 2)
-    t_naive = np.mean([_timed(lambda c=c: mc_samples_naive(model, c.image, n))
-                       for c in cases[:2]])
+    # Interleaved, so that a noisy neighbour on the machine slows both paths alike; medians.
+    batched, naive = [], []
+    for c in cases:
+        batched.append(_timed(lambda c=c: mc_samples(model, c.image, n, batch)))
+        naive.append(_timed(lambda c=c: mc_samples_naive(model, c.image, n)))
+    t_batched, t_naive = float(np.median(batched)), float(np.median(naive))
     flops = conv_flops(model, shape) * n
     peak = matmul_gflops()
-    print(f"MC inference per case: batched {t_batched:.2f} s, naive loop of {n} predict calls "
-          f"{t_naive:.2f} s, ratio {t_naive / t_batched:.1f}x")
+    print(f"MC inference per case (median of {len(cases)}): batched {t_batched:.2f} s "
+          f"(range {min(batched):.2f}-{max(batched):.2f}), naive loop of {n} predict calls "
+          f"{t_naive:.2f} s (range {min(naive):.2f}-{max(naive):.2f}), "
+          f"ratio {t_naive / t_batched:.1f}x")
     print(f"MC inference: {flops / 1e9:.1f} GFLOP per case, {flops / t_batched / 1e9:.1f} GFLOP/s "
           f"achieved; float32 matrix product on this machine: {peak:.0f} GFLOP/s")
     folds = profile.folds.n_folds

@@ -10,7 +10,14 @@ from conftest import run_on_jax
 
 from wmhqc_lib import metrics, uncertainty
 from wmhqc_lib.config import load_profile
-from wmhqc_lib.models import MCDropout, UNetConfig, build_mc_unet, conv_flops
+from wmhqc_lib.models import (
+    ChannelPReLU,
+    InstanceNormalization,
+    MCDropout,
+    UNetConfig,
+    build_mc_unet,
+    conv_flops,
+)
 from wmhqc_lib.preprocess import PreprocessedCase
 
 keras = pytest.importorskip("keras")
@@ -59,7 +66,7 @@ def test_mc_passes_differ_also_under_predict(model):
 
 
 def test_normalisation_has_no_training_mode_to_leak():
-    """Instance normalisation (GroupNormalization with one group per channel) keeps no running
+    """Instance normalisation keeps no running
     statistics: the same dropout-free network gives the same output in both modes."""
     keras.utils.set_random_seed(1)
     det = build_mc_unet(None, UNetConfig(base_filters=4, encoder_filters=(8, 16, 32), dropout=0))
@@ -68,6 +75,27 @@ def test_normalisation_has_no_training_mode_to_leak():
     b = np.asarray(det(x, training=True))
     assert np.allclose(a, b, atol=1e-5)
     assert not any(getattr(w, "trainable", True) is False for w in det.weights)
+
+
+def test_fast_normalisation_and_prelu_match_keras_layers():
+    """The one-pass instance norm and two-pass PReLU compute what Keras' own layers compute,
+    also on inputs far from zero mean (where a one-pass variance could lose precision)."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(0, 0.5, (2, 6, 5, 4, 3)) + [[[[[4.0, -7.0, 0.1]]]]]).astype(np.float32)
+    ours, ref = InstanceNormalization(), keras.layers.GroupNormalization(groups=-1, epsilon=1e-5)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    gamma, beta = rng.normal(1, 0.2, 3), rng.normal(0, 0.2, 3)
+    ours.set_weights([gamma, beta])
+    ref.set_weights([gamma, beta])
+    assert np.allclose(np.asarray(ours(x)), np.asarray(ref(x)), atol=2e-4)
+    act, ref_act = ChannelPReLU(), keras.layers.PReLU(shared_axes=[1, 2, 3])
+    act.build(x.shape)
+    ref_act.build(x.shape)
+    alpha = rng.uniform(0, 0.5, (1, 1, 1, 3))
+    act.set_weights([alpha])
+    ref_act.set_weights([alpha])
+    assert np.allclose(np.asarray(act(x)), np.asarray(ref_act(x)), atol=1e-6)
 
 
 def test_sample_mean_is_stable(model):

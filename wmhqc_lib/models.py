@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 
 @keras.saving.register_keras_serializable(package="wmhqc")
@@ -56,9 +56,53 @@ class UNetConfig:
         return 2 ** len(self.encoder_filters)
 
 
+@keras.saving.register_keras_serializable(package="wmhqc")
+class InstanceNormalization(layers.Layer):
+    """Per-sample, per-channel normalisation over the spatial axes with a learned scale and shift.
+
+    The maths of ``GroupNormalization(groups=-1)``, computed with one pass for the statistics
+    (E[x^2] - E[x]^2, clipped at 0) and one fused multiply-add. Normalisation is a third of
+    MC inference time on CPU; this form cuts that share roughly in half
+    (``benchmarks/bench_mc.py``). A test checks it against Keras' layer on offset inputs.
+    """
+
+    def __init__(self, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
+
+    def call(self, x):
+        axes = tuple(range(1, len(x.shape) - 1))
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        mean_sq = ops.mean(ops.square(x), axis=axes, keepdims=True)
+        var = ops.maximum(mean_sq - ops.square(mean), 0.0)
+        scale = self.gamma * ops.rsqrt(var + self.epsilon)
+        return x * scale + (self.beta - mean * scale)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="wmhqc")
+class ChannelPReLU(layers.Layer):
+    """PReLU with one slope per channel (Keras' ``PReLU(shared_axes=spatial)``), written as
+    max(x, 0) + a * min(x, 0): two passes instead of Keras' four."""
+
+    def build(self, input_shape):
+        shape = (1,) * (len(input_shape) - 2) + (input_shape[-1],)
+        self.alpha = self.add_weight(shape=shape, initializer="zeros", name="alpha")
+
+    def call(self, x):
+        return ops.maximum(x, 0.0) + self.alpha * ops.minimum(x, 0.0)
+
+
 def _norm_act(x, name: str):
-    x = layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in")(x)
-    return layers.PReLU(shared_axes=[1, 2, 3], name=f"{name}_prelu")(x)
+    x = InstanceNormalization(epsilon=1e-5, name=f"{name}_in")(x)
+    return ChannelPReLU(name=f"{name}_prelu")(x)
 
 
 def _dropout(x, rate: float, name: str, mc: bool):

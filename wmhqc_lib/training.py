@@ -21,7 +21,7 @@ from keras import ops
 from scipy import ndimage as ndi
 
 from .metrics import dice
-from .models import MCDropout
+from .models import ChannelPReLU, InstanceNormalization, MCDropout
 from .preprocess import PreprocessedCase
 from .synth import random_rotation
 
@@ -317,7 +317,8 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state.get("key") != key:
         state = {"key": key, "history": [], "epochs_run": 0, "done": False}
-    custom = {"MCDropout": MCDropout}
+    custom = {"MCDropout": MCDropout, "InstanceNormalization": InstanceNormalization,
+              "ChannelPReLU": ChannelPReLU}
     if state.get("done") and (folder / "best.keras").exists():
         model = keras.models.load_model(folder / "best.keras", custom_objects=custom,
                                         compile=False)
