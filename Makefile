@@ -2,6 +2,8 @@
 #   make reproduce                 synthetic cohort, cpu profile, all folds, then the book
 #   make reproduce PROFILE=smoke   a tiny end-to-end run in minutes
 #   make reproduce DATA_ROOT=/data/wmh FOLDS="1 2"
+#   make -j 5 reproduce            folds in parallel (or JOBS=5; smoke defaults to 2)
+#   make lab                       JupyterLab on the notebooks with the project's kernel
 #   make test                      lint + test suite
 #   make bench                     MC U-net speed figures (training, MC batched vs naive)
 #   make install GPU=1             CUDA TensorFlow for a GPU node
@@ -25,7 +27,7 @@ EXTRA := $(if $(GPU),gpu,cpu)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test lint reproduce slurm bench synth clean help
+.PHONY: install test lint reproduce reproduce-data reproduce-final lab slurm bench synth clean help
 
 help:
 	@sed -n '2,/^[^#]/{/^#/p}' Makefile
@@ -46,9 +48,39 @@ lint: install
 test: install lint
 	$(BIN)/pytest -q
 
+# The chain as make targets: the data stage, one target per fold, then the all-fold chapters
+# and the book, so `make -j N reproduce` runs N folds at once (each step also holds a lock, so
+# two runs never execute the same step). A failing fold does not stop the others (its recipe's
+# error is ignored with `-`); the final stage then reports it and exits non-zero.
+FOLD_LIST = $(or $(FOLDS),$(shell $(BIN)/python -c "from wmhqc_lib.config import load_profile; \
+	print(*range(1, load_profile('$(PROFILE)').folds.n_folds + 1))" 2>/dev/null))
+REPRO = $(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
+	$(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+# JOBS folds side by side (default 1; 2 for smoke, whose steps are mostly single-threaded
+# start-up and graph tracing). `make -j N reproduce` also works and wins over JOBS=1.
+ifeq ($(PROFILE),smoke)
+JOBS ?= 2
+endif
+JOBS ?= 1
+
 reproduce: install
-	$(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
-		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS))
+	@$(MAKE) --no-print-directory $(if $(filter-out 1,$(JOBS)),-j$(JOBS)) reproduce-final
+
+reproduce-data: install
+	$(REPRO) --stage data
+
+reproduce-fold-%: reproduce-data
+	-$(REPRO) --stage folds --folds $*
+
+reproduce-final: $(foreach f,$(FOLD_LIST),reproduce-fold-$(f))
+	$(REPRO) --stage final --folds $(FOLD_LIST)
+
+# JupyterLab on the notebooks with the project's kernel, to rerun a fold or move the live
+# threshold sliders of 06_evaluation on the results of the last run.
+lab: install
+	$(BIN)/python -m ipykernel install --sys-prefix --name wmhqc --display-name "wmhqc (.venv)"
+	$(BIN)/jupyter lab --notebook-dir=. notebooks/
 
 # One data job, then an array job with one task per fold, then the all-fold chapters and the
 # book (see wmhqc_lib/slurm.py); TIME is the limit of each fold task.

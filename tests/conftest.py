@@ -36,6 +36,17 @@ def smoke_manifest(smoke_cohort):
     return datasets.index_cohort(smoke_cohort).manifest
 
 
+@pytest.fixture(scope="session")
+def smoke_run(smoke_cohort, tmp_path_factory):
+    """``make reproduce`` on the smoke cohort, fold 1 only: every chapter and the built book
+    (about two minutes; shared by the pipeline and browser tests)."""
+    from wmhqc_lib import pipeline
+
+    results = tmp_path_factory.mktemp("results")
+    code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results, folds=[1])
+    return code, results
+
+
 def run_on_jax(script: str) -> str:
     """Run ``script`` in a fresh interpreter with the JAX backend (Keras picks its backend at
     import, so it cannot switch inside this process); returns stdout, fails with stderr."""

@@ -9,18 +9,10 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
-import pytest
 from conftest import write_test_notebook
 
 from wmhqc_lib import pipeline
 from wmhqc_lib.config import load_profile
-
-
-@pytest.fixture(scope="module")
-def smoke_run(smoke_cohort, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results, folds=[1])
-    return code, results
 
 
 def test_reproduce_smoke_builds_the_book(smoke_run):
@@ -49,7 +41,9 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
         assert "plotly-graph-div" in text and "synthetic cohort" in text, chapter
     rec_page = (html / "notebooks" / "04_rec_unet.html").read_text()
     assert "Pearson r" in rec_page and "validation SSIM" in rec_page
-    assert len(re.findall(r'<img[^>]+src="\.\./_images/', rec_page)) >= 1  # Figure 2, right
+    assert "Figure 2: three test cases" in rec_page  # the 3 x 7 figure, drawn with nilearn
+    assert len(re.findall(r'<img[^>]+src="\.\./_images/', rec_page)) >= 1
+    assert "<iframe" in uncertainty_page and "brainsprite" in uncertainty_page  # view_img
     dr_page = (html / "notebooks" / "05_dice_regression.html").read_text()
     assert "MAE = " in dr_page and "widened variant" in dr_page
 
@@ -133,3 +127,66 @@ def test_failing_step_blocks_only_its_dependants(tmp_path, monkeypatch, smoke_co
                for o in c.outputs)
     assert (cfg.executed_dir / "fold2" / "c_alone.ipynb").exists()
     assert "failed" in pipeline.timing_table(results)
+
+
+def _fold_chain(tmp_path, monkeypatch, smoke_cohort, b_source: str):
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir(exist_ok=True)
+    write_test_notebook(nbdir / "a.ipynb", "print('a')")
+    write_test_notebook(nbdir / "b.ipynb", b_source)
+    write_test_notebook(nbdir / "c.ipynb", "print('c', fold)")
+    write_test_notebook(nbdir / "d.ipynb", "print('d')")
+    monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
+    steps = [pipeline.Step("a.ipynb"),
+             pipeline.Step("b.ipynb", per_fold=True, depends=("a",)),
+             pipeline.Step("c.ipynb", per_fold=True, depends=("b",)),
+             pipeline.Step("d.ipynb", depends=("c",))]
+    cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=Path(smoke_cohort),
+                             results_dir=tmp_path / "results", folds=[1, 2], progress=False)
+    return steps, cfg
+
+
+def test_a_failing_fold_does_not_stop_the_other_folds(tmp_path, monkeypatch, smoke_cohort):
+    flag = tmp_path / "fold2-breaks"  # a transient fault (a full disk, a killed job)
+    flag.touch()
+    steps, cfg = _fold_chain(tmp_path, monkeypatch, smoke_cohort,
+                             f"import os\nif fold == 2 and os.path.exists({str(flag)!r}):\n"
+                             "    raise ValueError('fold 2 is broken')")
+    results = pipeline.run_steps(cfg, steps)
+    status = [(r.step, r.fold, r.status) for r in results]
+    assert status == [("a", None, "ran"), ("b", 1, "ran"), ("b", 2, "failed"),
+                      ("c", 1, "ran"), ("c", 2, "blocked"), ("d", None, "blocked")]
+    assert "fold 2 is broken" in results[2].detail and "cell" in results[2].detail
+    assert "c fold 2" in results[-1].detail
+    summary = pipeline.run_summary(results)
+    assert "3 ran" in summary and "1 failed" in summary and "2 blocked" in summary
+    assert "fold2/b.ipynb" in summary  # the failed executed notebook is named and kept
+    recorded = {(r.step, r.fold): r.status for r in pipeline.recorded_results(cfg, steps)}
+    assert recorded[("b", 2)] == "failed" and recorded[("c", 1)] == "done"
+    assert recorded[("d", None)] == "blocked"
+    # a later stage's job sees the failure and its reason through the record
+    final = pipeline.run_steps(cfg, steps, stage="final")
+    assert [r.status for r in final] == ["blocked"] and "fold 2 is broken" in final[0].detail
+    # fault gone: only fold 2 and the all-fold step run again; fold 1 keeps its finished work
+    flag.unlink()
+    again = [(r.step, r.fold, r.status) for r in pipeline.run_steps(cfg, steps)]
+    assert again == [("a", None, "skipped"), ("b", 1, "skipped"), ("b", 2, "ran"),
+                     ("c", 1, "skipped"), ("c", 2, "ran"), ("d", None, "ran")]
+    assert not pipeline.failure_record(cfg, steps[1], 2).exists()
+
+
+def test_a_step_running_elsewhere_is_waited_for(tmp_path, monkeypatch, smoke_cohort, capsys):
+    import fcntl
+    import threading
+
+    steps, cfg = _fold_chain(tmp_path, monkeypatch, smoke_cohort, "print('b')")
+    _, stamp, _ = pipeline.step_outputs(cfg, steps[0], None)
+    stamp.parent.mkdir(parents=True)
+    held = open(stamp.with_suffix(".lock"), "w")  # noqa: SIM115 - released by the timer
+    fcntl.flock(held, fcntl.LOCK_EX)
+    timer = threading.Timer(1.0, lambda: (fcntl.flock(held, fcntl.LOCK_UN), held.close()))
+    timer.start()
+    results = pipeline.run_steps(cfg, steps[:1])
+    timer.join()
+    assert [r.status for r in results] == ["ran"]
+    assert "[wait] a: running in another process" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def test_array_spec_and_job_id_parsing():
 def test_job_scripts_hold_the_cluster_settings_and_stage_commands(tmp_path):
     data = tmp_path / "data"
     jobs = slurm.plan("smoke", results_dir=tmp_path / "res", data_root=data, seed=7)
-    assert jobs.folds == [1, 2, 3]  # the smoke profile's n_folds
+    assert jobs.folds == [1, 2]  # the smoke profile's n_folds
     settings = slurm.ClusterSettings(
         partition="gpu-long", account="proj42", time_data="01:00:00", time_fold="12:00:00",
         time_final="00:30:00", gpus=2, gpu_type="a100", cpus=8, mem="64G",

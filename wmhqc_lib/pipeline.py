@@ -8,6 +8,8 @@ depend on it, and the run ends with a summary and a per-stage timing table.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -192,81 +194,181 @@ def select_steps(stage: str | None, steps: Sequence[Step] | None = None) -> list
     return [s for s in steps if step_stage(s, steps) == stage]
 
 
-def _recorded_keys(cfg: RunConfig, step: Step, folds: Sequence[int]) -> list[str] | None:
-    """Stamp keys of a step's earlier successful runs (another stage's job); None if any is
-    missing."""
-    keys = []
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def failure_record(cfg: RunConfig, step: Step, fold: int | None) -> Path:
+    """Where a failed step leaves its error (removed by its next success), so that a later
+    stage's job (``make -j`` or SLURM) can say which fold failed and why."""
+    _, stamp, _ = step_outputs(cfg, step, fold)
+    return stamp.with_suffix(".failed.json")
+
+
+def _recorded_keys(cfg: RunConfig, step: Step, folds: Sequence[int]
+                   ) -> dict[int | None, str | None]:
+    """Stamp keys of a step's earlier successful runs (another stage's job), per fold; None
+    where a fold has no successful run."""
+    keys: dict[int | None, str | None] = {}
     for fold in (folds if step.per_fold else [None]):
         output, stamp, _ = step_outputs(cfg, step, fold)
-        if not (stamp.exists() and output.exists()):
-            return None
-        keys.append(json.loads(stamp.read_text()).get("key", ""))
+        ok = stamp.exists() and output.exists()
+        keys[fold] = _read_json(stamp).get("key", "") if ok else None
     return keys
+
+
+@contextlib.contextmanager
+def _step_lock(cfg: RunConfig, step: Step, fold: int | None, label: str):
+    """Exclusive lock of one step and fold, so that two processes (``make -j``, two shells, an
+    array task rerun by hand) never run it at once; the second one waits, then finds it done."""
+    _, stamp, _ = step_outputs(cfg, step, fold)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    with open(stamp.with_suffix(".lock"), "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[wait] {label}: running in another process", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _upstream_key(step: Step, fold: int | None, dep: Step, keys: dict, folds: Sequence[int]
+                  ) -> str:
+    """The key a step sees for one dependency: the same fold's run of a per-fold dependency,
+    all folds' runs for an all-fold step."""
+    if not dep.per_fold:
+        return keys.get((dep.name, None)) or ""
+    if step.per_fold:
+        return keys.get((dep.name, fold)) or ""
+    return _digest([keys.get((dep.name, k)) or "" for k in folds])
+
+
+def _blocking(step: Step, fold: int | None, by_name: dict[str, Step],
+              failed: dict[str, dict[int | None, str]]) -> list[str]:
+    """Which failures stop this step at this fold: the same fold of a per-fold dependency
+    (other folds go on), any fold for an all-fold step."""
+    reasons = []
+    for name in step.depends:
+        bad = failed.get(name, {})
+        dep = by_name.get(name)
+        if dep is not None and dep.per_fold and step.per_fold:
+            bad = {k: v for k, v in bad.items() if k == fold}
+        for k, why in bad.items():
+            where = f"{name}" if k is None or step.per_fold else f"{name} fold {k}"
+            reasons.append(f"{where} ({why})" if why else where)
+    return reasons
 
 
 def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
               stage: str | None = None) -> list[StepResult]:
     """Run every step in order; return what ran, was skipped, failed or was blocked.
 
-    With ``stage`` only that stage's steps run (see :func:`step_stage`); the other steps are
-    neither run nor reported, and their recorded successful runs stand in as upstream (a step
-    that needs one without such a record is blocked).
+    A failure is tracked per fold: a fold whose step fails blocks that fold's later steps and
+    the all-fold steps after it, while the other folds go on. With ``stage`` only that stage's
+    steps run (see :func:`step_stage`); the other steps are neither run nor reported, and
+    their recorded successful runs stand in as upstream (a step that needs one without such a
+    record is blocked).
     """
     chosen = {s.name for s in select_steps(stage, steps)}
-    not_run: set[str] = set()  # steps of another stage without a recorded successful run
+    by_name = {s.name: s for s in steps}
     results: list[StepResult] = []
-    digests: dict[str, str] = {}  # step name -> combined digest of its (per-fold) runs
-    failed: set[str] = set()
+    keys: dict[tuple[str, int | None], str] = {}  # (step, fold) -> key of its successful run
+    failed: dict[str, dict[int | None, str]] = {}  # step -> {fold: why} not available
     folds = cfg.folds or list(range(1, cfg.profile.folds.n_folds + 1))
     for step in steps:
         if step.name not in chosen:  # run by another stage's job: use its recorded runs
-            keys = _recorded_keys(cfg, step, folds)
-            if keys is None:
-                failed.add(step.name)
-                not_run.add(step.name)
-            else:
-                digests[step.name] = _digest(keys)
+            for fold, key in _recorded_keys(cfg, step, folds).items():
+                if key is None:
+                    record = _read_json(failure_record(cfg, step, fold))
+                    failed.setdefault(step.name, {})[fold] = (
+                        f"{record.get('status', 'failed')}: {record.get('detail', '')}"
+                        if record else
+                        f"no successful run under {cfg.results_dir}: run its stage first")
+                else:
+                    keys[(step.name, fold)] = key
             continue
-        fold_digests = []
         for fold in (folds if step.per_fold else [None]):
             label = step.name if fold is None else f"{step.name} fold {fold}"
-            output, stamp, log = step_outputs(cfg, step, fold)
-            blocked = [d for d in step.depends if d in failed]
+            blocked = _blocking(step, fold, by_name, failed)
             if blocked:
                 results.append(StepResult(step.name, fold, "blocked",
-                                          detail=f"needs {', '.join(blocked)}"))
-                if not_run.intersection(blocked):
-                    results[-1].detail += (f" (no successful run under {cfg.results_dir}: "
-                                           "run its stage first)")
+                                          detail=f"needs {'; '.join(blocked)}"[:500]))
+                failed.setdefault(step.name, {})[fold] = f"blocked: {results[-1].detail}"
+                record = failure_record(cfg, step, fold)
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps({"status": "blocked",
+                                              "detail": results[-1].detail}))
                 continue
-            key = _step_key(cfg, step, fold, digests)
-            if stamp.exists() and output.exists() and \
-                    json.loads(stamp.read_text()).get("key") == key:
-                print(f"[skip] {label}: unchanged since last run ({output})", flush=True)
-                results.append(StepResult(step.name, fold, "skipped", output=str(output)))
-                fold_digests.append(key)
-                continue
-            print(f"[run ] {label} -> {output} (log {log})", flush=True)
-            start = time.perf_counter()
-            stamp.unlink(missing_ok=True)
-            try:
-                _execute(cfg, step, fold)
-            except Exception as exc:  # papermill wraps the notebook's error
-                seconds = time.perf_counter() - start
-                detail = _failure_detail(exc)
-                print(f"[FAIL] {label} after {seconds:.0f} s: {detail}", flush=True)
-                results.append(StepResult(step.name, fold, "failed", seconds, detail,
-                                          str(output)))
-                failed.add(step.name)
-                continue
-            seconds = time.perf_counter() - start
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
-            print(f"[done] {label} in {seconds:.0f} s", flush=True)
-            results.append(StepResult(step.name, fold, "ran", seconds, output=str(output)))
-            fold_digests.append(key)
-        digests[step.name] = _digest(fold_digests)
+            upstream = {d: _upstream_key(step, fold, by_name[d], keys, folds)
+                        for d in step.depends if d in by_name}
+            key = _step_key(cfg, step, fold, upstream)
+            output, stamp, log = step_outputs(cfg, step, fold)
+            with _step_lock(cfg, step, fold, label):
+                if stamp.exists() and output.exists() and _read_json(stamp).get("key") == key:
+                    print(f"[skip] {label}: unchanged since last run ({output})", flush=True)
+                    results.append(StepResult(step.name, fold, "skipped", output=str(output)))
+                    keys[(step.name, fold)] = key
+                    continue
+                results.append(_run_one(cfg, step, fold, key, label))
+            if results[-1].status == "ran":
+                keys[(step.name, fold)] = key
+            else:
+                failed.setdefault(step.name, {})[fold] = f"failed: {results[-1].detail}"
     return results
+
+
+def _run_one(cfg: RunConfig, step: Step, fold: int | None, key: str, label: str
+             ) -> StepResult:
+    """Execute one step (the caller holds its lock); record success or failure."""
+    output, stamp, log = step_outputs(cfg, step, fold)
+    record = failure_record(cfg, step, fold)
+    print(f"[run ] {label} -> {output} (log {log})", flush=True)
+    start = time.perf_counter()
+    stamp.unlink(missing_ok=True)
+    try:
+        _execute(cfg, step, fold)
+    except Exception as exc:  # papermill wraps the notebook's error
+        seconds = time.perf_counter() - start
+        detail = _failure_detail(exc)
+        print(f"[FAIL] {label} after {seconds:.0f} s: {detail}", flush=True)
+        record.write_text(json.dumps({"status": "failed", "detail": detail,
+                                      "seconds": round(seconds, 1),
+                                      "output": str(output), "log": str(log)}))
+        return StepResult(step.name, fold, "failed", seconds, detail, str(output))
+    seconds = time.perf_counter() - start
+    stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
+    record.unlink(missing_ok=True)
+    print(f"[done] {label} in {seconds:.0f} s", flush=True)
+    return StepResult(step.name, fold, "ran", seconds, output=str(output))
+
+
+def recorded_results(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> list[StepResult]:
+    """The whole study as its step records say, whichever process or job ran each step: the
+    last run's seconds of every finished step, the error of every failed one, ``missing``
+    where neither exists. Printed at the end of a split run (``make -j``, SLURM)."""
+    folds = cfg.folds or list(range(1, cfg.profile.folds.n_folds + 1))
+    rows = []
+    for step in steps:
+        for fold in (folds if step.per_fold else [None]):
+            output, stamp, _ = step_outputs(cfg, step, fold)
+            failure = _read_json(failure_record(cfg, step, fold))
+            done = _read_json(stamp) if stamp.exists() and output.exists() else {}
+            if failure:
+                rows.append(StepResult(step.name, fold, failure.get("status", "failed"),
+                                       failure.get("seconds", 0.0),
+                                       failure.get("detail", ""), failure.get("output", "")))
+            elif done:
+                rows.append(StepResult(step.name, fold, "done", done.get("seconds", 0.0),
+                                       output=str(output)))
+            else:
+                rows.append(StepResult(step.name, fold, "missing"))
+    return rows
 
 
 def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
@@ -399,8 +501,25 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
             failed.append(results[-1])
     results.append(StepResult("total", None, "", time.perf_counter() - overall))
     print("\n" + timing_table(results), flush=True)
+    if stage == "final":  # the folds ran in other processes: the whole study from its records
+        print("\nWhole study, from the step records under " f"{cfg.results_dir}:\n"
+              + timing_table(recorded_results(cfg)), flush=True)
+    print("\n" + run_summary(results), flush=True)
     if failed:
         print(f"\n{len(failed)} step(s) failed or were blocked; executed notebooks of failed "
               f"steps are kept for reading under {cfg.executed_dir}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_summary(results: Sequence[StepResult]) -> str:
+    """One line of counts, then each failure with its notebook, cell and error."""
+    counts = {k: sum(r.status == k for r in results)
+              for k in ("ran", "skipped", "failed", "blocked")}
+    lines = ["summary: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+    for r in results:
+        if r.status in ("failed", "blocked"):
+            where = r.step if r.fold is None else f"{r.step} fold {r.fold}"
+            lines.append(f"  {r.status} {where}: {r.detail}"
+                         + (f"\n    executed notebook kept: {r.output}" if r.output else ""))
+    return "\n".join(lines)

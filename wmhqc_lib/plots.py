@@ -139,8 +139,12 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
     """
     n_rows = len(rows)
     n_cols = max(len(v) for v in rows.values())
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.8 * n_rows),
-                             squeeze=False)
+    # final axes positions before nilearn draws into them (a later tight_layout would move
+    # the axes but not nilearn's cut)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.4 * n_rows),
+                             squeeze=False, facecolor="black",
+                             gridspec_kw={"wspace": 0.03, "hspace": 0.12, "left": 0.04,
+                                          "right": 0.99, "top": 0.92, "bottom": 0.02})
     for r, (name, panels) in enumerate(rows.items()):
         first_mask = next((p[2] for p in panels if p[3] == "contour" and p[2] is not None),
                           None)
@@ -158,11 +162,10 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                 vmax = float(np.percentile(data[data > 0], 99)) if np.any(data > 0) else 1.0
                 display.add_overlay(overlay, cmap="hot", vmin=0.0, vmax=max(vmax, 1e-6),
                                     threshold=vmax * 0.05)
-            ax.set_title(title if r == 0 else "", fontsize=9)
+            ax.set_title(title if r == 0 else "", fontsize=9, color="white")
             if c == 0:
-                ax.text(-0.05, 0.5, name, transform=ax.transAxes, rotation=90,
-                        va="center", ha="right", fontsize=8)
-    fig.tight_layout()
+                ax.text(-0.03, 0.5, name, transform=ax.transAxes, rotation=90,
+                        va="center", ha="right", fontsize=7, color="white")
     return fig
 
 
@@ -253,3 +256,20 @@ def predicted_dice_scatter(table: pd.DataFrame, columns: Mapping[str, str], titl
     fig.update_layout(title=title, height=420, margin={"t": 110})
     fig.update_annotations(font_size=11)
     return fig
+
+
+def interactive_map(overlay: nib.Nifti1Image, background: nib.Nifti1Image, title: str,
+                    mask: nib.Nifti1Image | None = None):
+    """A nilearn ``view_img`` viewer (click to move the cut) of a voxel-wise map over the scan.
+
+    The viewer is one self-contained HTML document (nilearn inlines its JavaScript and the
+    image sprites), so it works in the offline book. Values below 5 % of the map's 99th
+    percentile are transparent; the cut starts at the centre of ``mask`` when given.
+    """
+    data = np.asarray(overlay.dataobj, dtype=np.float32)
+    positive = data[data > 0]
+    vmax = float(np.percentile(positive, 99)) if positive.size else 1.0
+    return plotting.view_img(overlay, bg_img=background, cmap="hot", symmetric_cmap=False,
+                             vmin=0.0, vmax=max(vmax, 1e-6), threshold=max(vmax, 1e-6) * 0.05,
+                             cut_coords=_cut_coords(mask, background), title=title,
+                             black_bg=True, dim=-0.3, colorbar=True, width_view=600)

@@ -284,6 +284,47 @@ def rec_example_images(results_dir: str | Path, fold: int, subject_id: str) -> d
             for k, v in volumes.items()}
 
 
+def figure2_panels(results_dir: str | Path, fold: int, examples: dict[str, str]
+                   ) -> dict[str, list[tuple]]:
+    """The paper's Figure 2 for this fold, in each subject's own (native FLAIR) space.
+
+    One row per example case (``{"small": subject_id, ...}``), seven columns: T1, FLAIR with
+    the ground truth, FLAIR with the prediction, the entropy map, the reconstruction input
+    (prediction blanked), the reconstruction and the absolute error map. Profile-grid maps are
+    brought back with :func:`preprocess.map_to_native`. Rows are panels for
+    :func:`plots.plot_map_panels`; the fold's uncertainty and reconstruction steps must have run.
+    """
+    import nibabel as nib
+
+    from . import datasets
+
+    manifest = cohort.load(results_dir)[0].set_index("subject_id")
+    cases = read_case_table(results_dir, fold).set_index("subject_id")
+    cache = cohort.CohortPaths.under(results_dir).cache
+    rows = {}
+    for size, sid in examples.items():
+        images = datasets.load_subject(manifest.loc[sid].to_dict() | {"subject_id": sid})
+        case = cases.loc[sid]
+        if not isinstance(case.get("native_prediction"), str):
+            raise ValueError(f"{sid}: no native prediction in fold {fold}'s case table "
+                             "(only test cases have one): run 03_uncertainty for this fold")
+        meta = preprocess.load_case(cache, sid).meta
+        rec = rec_example_images(results_dir, fold, sid)
+        native = {k: preprocess.map_to_native(np.asarray(rec[k].dataobj), meta)
+                  for k in ("input", "reconstruction", "abs_error")}
+        pred = nib.load(case["native_prediction"])
+        rows[f"{size} load, Dice {case['true_dice']:.2f}\n{sid}"] = [
+            ("T1", images.t1, None, "anat"),
+            ("ground truth", images.flair, images.lesion, "contour"),
+            ("prediction", images.flair, pred, "contour"),
+            ("uncertainty (entropy)", images.flair, nib.load(case["native_entropy"]), "heat"),
+            ("rec. input", native["input"], pred, "contour"),
+            ("reconstruction", native["reconstruction"], None, "anat"),
+            ("|error|", images.flair, native["abs_error"], "heat"),
+        ]
+    return rows
+
+
 @dataclass
 class DiceRegressionResult:
     """The fold's Dice regressors and their predictions."""

@@ -1,0 +1,189 @@
+"""The built book in a real browser: headless Chromium (Debian's) driven by Playwright, the
+book served on 127.0.0.1 with every other host refused.
+
+Every page of the table of contents must load with no console error, no failed request and no
+request leaving the machine; plotly figures must draw their SVG, the nilearn figures and viewer
+must be there, and moving the evaluation chapter's threshold slider must change the counts it
+shows. A screenshot of the evaluation page is kept as a test artifact.
+
+Set ``WMHQC_REQUIRE_BROWSER=1`` (CI does) to fail instead of skipping where Chromium or
+Playwright is missing; ``WMHQC_CHROMIUM`` points at another Chromium binary.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("WMHQC_TEST_ARTIFACTS", REPO / "test-artifacts"))
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking"]
+
+
+def _chromium() -> str | None:
+    path = os.environ.get("WMHQC_CHROMIUM") or shutil.which("chromium") or \
+        shutil.which("chromium-browser")
+    return path if path and Path(path).exists() else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    required = os.environ.get("WMHQC_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            raise
+        pytest.skip("playwright is not installed")
+    executable = _chromium()
+    if executable is None:
+        if required:
+            pytest.fail("no chromium binary (apt-get install chromium, or set WMHQC_CHROMIUM)")
+        pytest.skip("no chromium binary")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def served_book(smoke_run):
+    """The smoke run's built book over HTTP on 127.0.0.1 (a free port)."""
+    code, results = smoke_run
+    assert code == 0
+    html = results / "book" / "_build" / "html"
+    handler = functools.partial(_QuietHandler, directory=str(html))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", results / "book"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest's output readable
+        pass
+
+
+def toc_pages(stage: Path) -> list[str]:
+    """Every page of the staged table of contents, as paths relative to the HTML root."""
+    toc = yaml.safe_load((stage / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+
+    for part in toc.get("parts", [toc]):
+        walk(part.get("chapters"))
+    return [f"{Path(f).with_suffix('')}.html" for f in files]
+
+
+class PageWatch:
+    """Console errors, uncaught exceptions, failed and off-machine requests of one page."""
+
+    def __init__(self, page, base: str):
+        self.problems: list[str] = []
+        host = urlparse(base).netloc
+        page.on("console", lambda m: m.type == "error" and
+                self.problems.append(f"console error: {m.text}"))
+        page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self.problems.append(
+            f"failed request: {r.url} ({r.failure})"))
+        page.on("response", lambda r: r.status >= 400 and
+                self.problems.append(f"HTTP {r.status}: {r.url}"))
+
+        def route(r):
+            url = urlparse(r.request.url)
+            if url.scheme in ("http", "https") and url.netloc != host:
+                self.problems.append(f"off-machine request: {r.request.url}")
+                return r.abort()
+            return r.continue_()
+
+        page.route("**/*", route)
+
+
+def _open(browser, base: str, rel: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    watch = PageWatch(page, base)
+    page.goto(f"{base}/{rel}", wait_until="load")
+    # plotly draws after load; wait until every figure div holds its SVG
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('.plotly-graph-div'))"
+        ".every(d => d.querySelector('svg.main-svg'))", timeout=30_000)
+    page.wait_for_timeout(300)  # late console errors
+    return page, watch
+
+
+@pytest.mark.slow
+def test_every_page_loads_offline_without_errors(browser, served_book):
+    base, stage = served_book
+    pages = toc_pages(stage)
+    assert len(pages) >= 8  # intro, six chapters, notes
+    counts = {}
+    for rel in pages:
+        page, watch = _open(browser, base, rel)
+        assert page.title(), rel
+        assert not watch.problems, f"{rel}: {watch.problems[:5]}"
+        counts[rel] = page.locator(".plotly-graph-div svg.main-svg").count()
+        page.close()
+    for chapter in ("01_data", "02_mc_unet", "03_uncertainty", "04_rec_unet",
+                    "05_dice_regression", "06_evaluation"):
+        assert counts[f"notebooks/{chapter}.html"] >= 1, f"{chapter}: no plotly figure drawn"
+
+
+@pytest.mark.slow
+def test_nilearn_figures_and_viewer_are_present(browser, served_book):
+    base, _ = served_book
+    page, watch = _open(browser, base, "notebooks/04_rec_unet.html")
+    images = page.locator("img[src*='_images/']")
+    assert images.count() >= 1
+    assert all(images.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
+               for i in range(images.count()))  # decoded, not broken
+    page.close()
+    page, watch = _open(browser, base, "notebooks/03_uncertainty.html")
+    frame = page.locator("iframe").first
+    frame.wait_for()
+    viewer = page.frame_locator("iframe").first
+    viewer.locator("canvas").first.wait_for(timeout=15_000)  # brainsprite draws on a canvas
+    assert not watch.problems, watch.problems[:5]
+    page.close()
+
+
+@pytest.mark.slow
+def test_threshold_slider_changes_the_counts(browser, served_book):
+    base, _ = served_book
+    page, watch = _open(browser, base, "notebooks/06_evaluation.html")
+    figure = page.locator(".plotly-graph-div:has(g.slider-container)").first
+    figure.scroll_into_view_if_needed()
+    title = figure.locator("g.infolayer text.gtitle")
+    def flagged() -> int:
+        match = re.search(r"(\d+) of (\d+) cases flagged for review", title.text_content())
+        assert match, title.text_content()
+        return int(match.group(1))
+
+    rail = figure.locator("rect.slider-rail-rect")
+    box = rail.bounding_box()
+    counts = [flagged()]
+    for fraction in (0.02, 0.98):  # click both ends of the rail, as a reader would
+        page.mouse.click(box["x"] + fraction * box["width"], box["y"] + box["height"] / 2)
+        page.wait_for_timeout(300)
+        counts.append(flagged())
+    assert counts[1] != counts[2], counts  # the shown counts follow the slider
+    assert not watch.problems, watch.problems[:5]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "evaluation_page.png"), full_page=True)
+    assert (ARTIFACTS / "evaluation_page.png").stat().st_size > 10_000
+    page.close()
