@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from wmhqc_lib.cli import main
+from wmhqc_lib.config import load_profile
 
 
 def test_index_and_folds_commands(smoke_cohort, tmp_path, capsys):
@@ -22,7 +23,7 @@ def test_index_and_folds_commands(smoke_cohort, tmp_path, capsys):
     assert main(["data", "folds", "--manifest", str(manifest), "--out", str(folds),
                  "--profile", "smoke"]) == 0
     assert "test" in capsys.readouterr().out
-    assert len(pd.read_csv(folds)) == 3 * len(table)
+    assert len(pd.read_csv(folds)) == load_profile("smoke").folds.n_folds * len(table)
 
 
 def test_combine_refuses_duplicate_subjects(smoke_cohort, tmp_path, capsys):

@@ -62,7 +62,8 @@ def test_cpu_profile_is_the_defaults():
 def test_smoke_profile_overrides_deep_keys():
     smoke, cpu = load_profile("smoke"), load_profile("cpu")
     assert smoke.folds.n_folds == 2
-    assert smoke.folds.val_fraction == cpu.folds.val_fraction  # not overridden: kept
+    assert smoke.folds.val_fraction == 0.4 and cpu.folds.val_fraction == pytest.approx(0.1905)
+    assert smoke.folds.load_bins == cpu.folds.load_bins  # not overridden: kept
     assert smoke.synth.working_mm == 4.0 and smoke.synth.subjects_scale == 0.1
     assert smoke.synth.hard_cases == cpu.synth.hard_cases
     assert smoke.preprocess.shape == (24, 24, 24)

@@ -123,7 +123,7 @@ def test_job_scripts_hold_the_cluster_settings_and_stage_commands(tmp_path):
         assert _option(cmd, "--data-root") == [str(data.resolve())]
         assert _option(cmd, "--seed") == ["7"]
     # GPUs and the array only for the fold tasks
-    assert "--gres=gpu:a100:2" in opts["folds"] and "--array=1-3" in opts["folds"]
+    assert "--gres=gpu:a100:2" in opts["folds"] and "--array=1-2" in opts["folds"]
     assert not any(o.startswith(("--gres", "--gpus", "--array")) for k in ("data", "final")
                    for o in opts[k])
     assert f"--output={res}/logs/slurm-%A_%a.out" in opts["folds"]
@@ -135,11 +135,11 @@ def test_job_scripts_hold_the_cluster_settings_and_stage_commands(tmp_path):
     assert "--no-book" in cmds["folds"] and "--no-book" in cmds["data"]
     assert "--folds" not in cmds["data"]
     assert "--no-book" not in cmds["final"]  # the final job builds the book
-    assert _option(cmds["final"], "--folds") == ["1", "2", "3"]
+    assert _option(cmds["final"], "--folds") == ["1", "2"]
 
 
 def test_chosen_folds_gpus_option_and_defaults(tmp_path):
-    jobs = slurm.plan("smoke", results_dir=tmp_path, folds=[3, 1])
+    jobs = slurm.plan("paper", results_dir=tmp_path, folds=[3, 1])
     settings = slurm.ClusterSettings(partition="p", gpus=1, gpu_option="gpus",
                                      max_parallel=1, setup="", mem=None)
     text = {k: p.read_text() for k, p in slurm.write_scripts(jobs, settings).items()}
@@ -185,7 +185,7 @@ def test_submit_chains_the_jobs_with_afterok(tmp_path, monkeypatch, capsys):
     assert json.loads((script_dir / "submitted.json").read_text()) == \
         {"data": "1001", "folds": "1002", "final": "1003"}
     out = capsys.readouterr().out
-    assert "data job 1001 -> fold array 1002 (folds 1-3) -> final job 1003" in out
+    assert "data job 1001 -> fold array 1002 (folds 1-2) -> final job 1003" in out
     folds = (script_dir / "folds.sbatch").read_text()
     assert "#SBATCH --gres=gpu:1" in folds and "#SBATCH --time=08:00:00" in folds
 
