@@ -150,7 +150,7 @@ def test_chosen_folds_gpus_option_and_defaults(tmp_path):
     assert _option(_command(text["final"]), "--folds") == ["1", "3"]
     for t in text.values():  # no data root: the jobs use the profile's synthetic cohort
         assert "--data-root" not in _command(t)
-    with pytest.raises(ValueError, match=r"outside 1\.\.3"):
+    with pytest.raises(ValueError, match=r"outside 1\.\.2"):
         slurm.plan("smoke", results_dir=tmp_path, folds=[4])
 
 
