@@ -33,6 +33,8 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
     assert '"sliders"' in evaluation_page  # the static threshold explorer
     assert "Table 1" in evaluation_page and "synthetic cohort" in evaluation_page
     assert (html / "book" / "reproduction_notes.html").exists()
+    methods = (html / "book" / "methods.html").read_text()
+    assert "The evaluation framework" in methods and "03_uncertainty.html" in methods
     uncertainty_page = (html / "notebooks" / "03_uncertainty.html").read_text()
     assert "Pearson r" in uncertainty_page
     assert len(re.findall(r'<img[^>]+src="\.\./_images/', uncertainty_page)) >= 1
@@ -190,3 +192,17 @@ def test_a_step_running_elsewhere_is_waited_for(tmp_path, monkeypatch, smoke_coh
     timer.join()
     assert [r.status for r in results] == ["ran"]
     assert "[wait] a: running in another process" in capsys.readouterr().out
+
+
+def test_kernel_process_stderr_goes_to_the_step_log(tmp_path, monkeypatch, smoke_cohort, capfd):
+    """Output the kernel process writes straight to its file descriptor 2 (TensorFlow's C++
+    logging does) lands in the step's log, not between the progress lines on the console."""
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    write_test_notebook(nbdir / "a.ipynb", "import os\nos.write(2, b'FROM-THE-KERNEL-FD\\n')")
+    monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
+    cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=Path(smoke_cohort),
+                             results_dir=tmp_path / "results", progress=False)
+    assert [r.status for r in pipeline.run_steps(cfg, [pipeline.Step("a.ipynb")])] == ["ran"]
+    assert "FROM-THE-KERNEL-FD" not in capfd.readouterr().err
+    assert "FROM-THE-KERNEL-FD" in (cfg.log_dir / "a.log").read_text()

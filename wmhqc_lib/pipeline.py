@@ -147,17 +147,34 @@ def _step_key(cfg: RunConfig, step: Step, fold: int | None, upstream: dict[str, 
     return _digest(parts)
 
 
+def _kernel_manager_logging_to(log: Path):
+    """A kernel manager whose kernel process writes its own stderr (TensorFlow's C++ start-up
+    lines, ZMQ notices) to the step's log, so the console keeps one line per step and
+    papermill's progress bar."""
+    from jupyter_client import AsyncKernelManager
+
+    class StepKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(log, "ab") as fh:  # the kernel keeps its own copy of the descriptor
+                kw["stderr"] = fh
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return StepKernelManager
+
+
 def _execute(cfg: RunConfig, step: Step, fold: int | None) -> None:
     import papermill as pm
 
     output, _, log = step_outputs(cfg, step, fold)
     output.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
+    log.write_text("")
+    with open(log, "a") as fh:  # appends, like the kernel process: neither overwrites the other
         pm.execute_notebook(str(NOTEBOOK_DIR / step.notebook), str(output),
                             parameters=step_parameters(cfg, fold), cwd=str(REPO_ROOT),
                             kernel_name="python3", progress_bar=cfg.progress,
-                            stdout_file=fh, stderr_file=fh, log_output=False)
+                            stdout_file=fh, stderr_file=fh, log_output=False,
+                            kernel_manager_class=_kernel_manager_logging_to(log))
 
 
 def _failure_detail(exc: Exception) -> str:
