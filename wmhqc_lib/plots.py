@@ -129,7 +129,7 @@ def score_scatter(table: pd.DataFrame, score: str, label: str, title: str,
 
 def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                                                     nib.Nifti1Image | None, str]]],
-                    cut_axis: str = "z") -> plt.Figure:
+                    cut_axis: str = "z", title: str = "") -> plt.Figure:
     """A grid of single-slice panels: one row per case, one column per map.
 
     Each panel is ``(title, background, overlay or contour mask, kind)`` with kind ``anat``
@@ -166,6 +166,8 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
             if c == 0:
                 ax.text(-0.03, 0.5, name, transform=ax.transAxes, rotation=90,
                         va="center", ha="right", fontsize=7, color="white")
+    if title:
+        fig.suptitle(title, color="white", y=0.995)
     return fig
 
 
