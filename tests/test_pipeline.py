@@ -206,3 +206,23 @@ def test_kernel_process_stderr_goes_to_the_step_log(tmp_path, monkeypatch, smoke
     assert [r.status for r in pipeline.run_steps(cfg, [pipeline.Step("a.ipynb")])] == ["ran"]
     assert "FROM-THE-KERNEL-FD" not in capfd.readouterr().err
     assert "FROM-THE-KERNEL-FD" in (cfg.log_dir / "a.log").read_text()
+
+
+def test_a_fold_that_breaks_after_a_success_blocks_the_final_stage(tmp_path, monkeypatch,
+                                                                   smoke_cohort):
+    """The split chain (``make -j``, SLURM): fold 2 succeeded once, then fails when rerun by its
+    own job. Its later steps' old successes no longer count, so the final job is blocked
+    instead of evaluating stale fold-2 results."""
+    flag = tmp_path / "fold2-breaks"
+    steps, cfg = _fold_chain(tmp_path, monkeypatch, smoke_cohort,
+                             f"import os\nif fold == 2 and os.path.exists({str(flag)!r}):\n"
+                             "    raise ValueError('fold 2 broke')")
+    assert {r.status for r in pipeline.run_steps(cfg, steps)} == {"ran"}
+    flag.touch()
+    pipeline.step_outputs(cfg, steps[1], 2)[1].unlink()  # fold 2's b must run again
+    cfg.folds = [2]
+    fold2 = pipeline.run_steps(cfg, steps, stage="folds")
+    assert [(r.step, r.status) for r in fold2] == [("b", "failed"), ("c", "blocked")]
+    cfg.folds = [1, 2]
+    final = pipeline.run_steps(cfg, steps, stage="final")
+    assert [r.status for r in final] == ["blocked"] and "fold 2 broke" in final[0].detail

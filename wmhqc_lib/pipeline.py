@@ -232,7 +232,7 @@ def _recorded_keys(cfg: RunConfig, step: Step, folds: Sequence[int]
     keys: dict[int | None, str | None] = {}
     for fold in (folds if step.per_fold else [None]):
         output, stamp, _ = step_outputs(cfg, step, fold)
-        ok = stamp.exists() and output.exists()
+        ok = stamp.exists() and output.exists() and not failure_record(cfg, step, fold).exists()
         keys[fold] = _read_json(stamp).get("key", "") if ok else None
     return keys
 
@@ -317,6 +317,8 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
                 results.append(StepResult(step.name, fold, "blocked",
                                           detail=f"needs {'; '.join(blocked)}"[:500]))
                 failed.setdefault(step.name, {})[fold] = f"blocked: {results[-1].detail}"
+                # an earlier success no longer stands: its upstream has just failed
+                step_outputs(cfg, step, fold)[1].unlink(missing_ok=True)
                 record = failure_record(cfg, step, fold)
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(json.dumps({"status": "blocked",
