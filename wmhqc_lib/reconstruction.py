@@ -43,8 +43,8 @@ import keras
 import numpy as np
 import pandas as pd
 from keras import ops
-from tqdm import tqdm
 
+from .case_cache import cached_case_rows
 from .preprocess import CHANNELS, PreprocessedCase, case_dir
 from .training import PatchDataset, TrainResult, fit_model
 
@@ -303,29 +303,26 @@ def run_error_maps(model: keras.Model, images: Sequence[QCImage],
     """
     out_dir = Path(out_dir)
     batch = int(section.get("infer_batch", 4))
-    rows = []
-    for image in tqdm(images, desc=f"error maps fold {fold}", unit="case",
-                      disable=not progress):
-        image = _check_qc_image(image)
-        sid = image.subject_id
-        pred = np.asarray(predictions[sid]) > 0
-        map_path = out_dir / "maps" / f"{sid}.npz"
-        row_path = out_dir / "rows" / f"{sid}.json"
-        stamp = {"model_tag": tag, "prediction_digest": array_digest(pred)}
-        if map_path.exists() and row_path.exists():
-            row = json.loads(row_path.read_text())
-            if all(row.get(k) == v for k, v in stamp.items()):
-                rows.append(row)
-                continue
+
+    def prediction(image: QCImage) -> np.ndarray:
+        return np.asarray(predictions[image.subject_id]) > 0
+
+    def stamp(image: QCImage) -> dict:
+        return {"model_tag": tag, "prediction_digest": array_digest(prediction(image))}
+
+    def compute(image: QCImage, map_path: Path) -> dict:
         start = time.perf_counter()
+        pred = prediction(image)
         maps = error_maps(model, image, pred, batch)
-        row = {"fold": fold, "subject_id": sid, "split": splits[sid],
-               **error_scores(maps, image, pred, section), **stamp,
+        row = {"fold": fold, "subject_id": image.subject_id, "split": splits[image.subject_id],
+               **error_scores(maps, image, pred, section),
                "rec_seconds": round(time.perf_counter() - start, 3)}
         save_error_maps(maps, map_path)
-        row_path.parent.mkdir(parents=True, exist_ok=True)
-        row_path.write_text(json.dumps(row))
-        rows.append(row)
+        return row
+
+    checked = [_check_qc_image(image) for image in images]
+    rows = cached_case_rows(checked, out_dir, lambda i: i.subject_id, compute, stamp=stamp,
+                            desc=f"error maps fold {fold}", progress=progress)
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "rec_cases.csv", index=False)
     return table

@@ -28,8 +28,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
+from .case_cache import cached_case_rows
 from .metrics import dice, pairwise_dice, two_class_dice
 from .preprocess import PreprocessedCase, map_to_native
 
@@ -169,13 +169,8 @@ def run_mc_inference(model: keras.Model, cases: Sequence[PreprocessedCase],
             shutil.rmtree(out_dir / folder, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         key_path.write_text(key)
-    rows = []
-    for case in tqdm(cases, desc=f"MC inference fold {fold}", unit="case", disable=not progress):
-        map_path = out_dir / "maps" / f"{case.subject_id}.npz"
-        row_path = out_dir / "rows" / f"{case.subject_id}.json"
-        if map_path.exists() and row_path.exists():
-            rows.append(json.loads(row_path.read_text()))
-            continue
+
+    def compute(case: PreprocessedCase, map_path: Path) -> dict:
         start = time.perf_counter()
         maps = uncertainty_maps(mc_samples(model, case.image, n_samples, batch))
         row = {"fold": fold, "subject_id": case.subject_id, "split": splits[case.subject_id],
@@ -184,9 +179,10 @@ def run_mc_inference(model: keras.Model, cases: Sequence[PreprocessedCase],
             row.update(save_native(maps, case, out_dir / "native"))
         row["mc_seconds"] = round(time.perf_counter() - start, 3)
         save_maps(maps, map_path)
-        row_path.parent.mkdir(parents=True, exist_ok=True)
-        row_path.write_text(json.dumps(row))
-        rows.append(row)
+        return row
+
+    rows = cached_case_rows(cases, out_dir, lambda c: c.subject_id, compute,
+                            desc=f"MC inference fold {fold}", progress=progress)
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "mc_cases.csv", index=False)
     return table
