@@ -75,6 +75,11 @@ class RunConfig:
     progress: bool = True
 
     @property
+    def fold_list(self) -> list[int]:
+        """The chosen folds, or every fold of the profile."""
+        return self.folds or list(range(1, self.profile.folds.n_folds + 1))
+
+    @property
     def executed_dir(self) -> Path:
         return self.results_dir / "notebooks"
 
@@ -297,7 +302,7 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
     results: list[StepResult] = []
     keys: dict[tuple[str, int | None], str] = {}  # (step, fold) -> key of its successful run
     failed: dict[str, dict[int | None, str]] = {}  # step -> {fold: why} not available
-    folds = cfg.folds or list(range(1, cfg.profile.folds.n_folds + 1))
+    folds = cfg.fold_list
     for step in steps:
         if step.name not in chosen:  # run by another stage's job: use its recorded runs
             for fold, key in _recorded_keys(cfg, step, folds).items():
@@ -317,12 +322,8 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
                 results.append(StepResult(step.name, fold, "blocked",
                                           detail=f"needs {'; '.join(blocked)}"[:500]))
                 failed.setdefault(step.name, {})[fold] = f"blocked: {results[-1].detail}"
-                # an earlier success no longer stands: its upstream has just failed
-                step_outputs(cfg, step, fold)[1].unlink(missing_ok=True)
-                record = failure_record(cfg, step, fold)
-                record.parent.mkdir(parents=True, exist_ok=True)
-                record.write_text(json.dumps({"status": "blocked",
-                                              "detail": results[-1].detail}))
+                _record_failure(cfg, step, fold, {"status": "blocked",
+                                                  "detail": results[-1].detail})
                 continue
             upstream = {d: _upstream_key(step, fold, by_name[d], keys, folds)
                         for d in step.depends if d in by_name}
@@ -342,11 +343,19 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
     return results
 
 
+def _record_failure(cfg: RunConfig, step: Step, fold: int | None, record: dict) -> None:
+    """A failed or blocked step: its earlier success no longer stands (its stamp goes), and
+    why is kept for later stages and the whole-study table."""
+    step_outputs(cfg, step, fold)[1].unlink(missing_ok=True)
+    path = failure_record(cfg, step, fold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
 def _run_one(cfg: RunConfig, step: Step, fold: int | None, key: str, label: str
              ) -> StepResult:
     """Execute one step (the caller holds its lock); record success or failure."""
     output, stamp, log = step_outputs(cfg, step, fold)
-    record = failure_record(cfg, step, fold)
     print(f"[run ] {label} -> {output} (log {log})", flush=True)
     start = time.perf_counter()
     stamp.unlink(missing_ok=True)
@@ -356,13 +365,13 @@ def _run_one(cfg: RunConfig, step: Step, fold: int | None, key: str, label: str
         seconds = time.perf_counter() - start
         detail = _failure_detail(exc)
         print(f"[FAIL] {label} after {seconds:.0f} s: {detail}", flush=True)
-        record.write_text(json.dumps({"status": "failed", "detail": detail,
-                                      "seconds": round(seconds, 1),
-                                      "output": str(output), "log": str(log)}))
+        _record_failure(cfg, step, fold, {"status": "failed", "detail": detail,
+                                          "seconds": round(seconds, 1),
+                                          "output": str(output), "log": str(log)})
         return StepResult(step.name, fold, "failed", seconds, detail, str(output))
     seconds = time.perf_counter() - start
     stamp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
-    record.unlink(missing_ok=True)
+    failure_record(cfg, step, fold).unlink(missing_ok=True)
     print(f"[done] {label} in {seconds:.0f} s", flush=True)
     return StepResult(step.name, fold, "ran", seconds, output=str(output))
 
@@ -371,7 +380,7 @@ def recorded_results(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> li
     """The whole study as its step records say, whichever process or job ran each step: the
     last run's seconds of every finished step, the error of every failed one, ``missing``
     where neither exists. Printed at the end of a split run (``make -j``, SLURM)."""
-    folds = cfg.folds or list(range(1, cfg.profile.folds.n_folds + 1))
+    folds = cfg.fold_list
     rows = []
     for step in steps:
         for fold in (folds if step.per_fold else [None]):
@@ -521,7 +530,7 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
     results.append(StepResult("total", None, "", time.perf_counter() - overall))
     print("\n" + timing_table(results), flush=True)
     if stage == "final":  # the folds ran in other processes: the whole study from its records
-        print("\nWhole study, from the step records under " f"{cfg.results_dir}:\n"
+        print(f"\nWhole study, from the step records under {cfg.results_dir}:\n"
               + timing_table(recorded_results(cfg)), flush=True)
     print("\n" + run_summary(results), flush=True)
     if failed:
