@@ -98,6 +98,53 @@ def test_fast_normalisation_and_prelu_match_keras_layers():
     assert np.allclose(np.asarray(act(x)), np.asarray(ref_act(x)), atol=1e-6)
 
 
+def test_prelu_slope_is_capped_at_one():
+    """max(x, a * x) is PReLU only for slopes up to 1; larger learned slopes act as 1."""
+    x = np.linspace(-2, 2, 9, dtype=np.float32).reshape(1, 1, 1, 9, 1)
+    act = ChannelPReLU()
+    act.build(x.shape)
+    act.set_weights([np.full((1, 1, 1, 1), 1.5, np.float32)])
+    assert np.allclose(np.asarray(act(x)), x)
+    act.set_weights([np.full((1, 1, 1, 1), -0.5, np.float32)])  # negative slopes are exact
+    assert np.allclose(np.asarray(act(x)), np.where(x > 0, x, -0.5 * x))
+
+
+def test_mc_dropout_mask_rate_independence_and_scale():
+    """The 16-bit mask keeps 80% of voxels, each channel alike, the two channels that share a
+    32-bit random word independently, and scales kept values by 1 / (1 - p)."""
+    layer = MCDropout(0.2, seed=7)
+    x = np.ones((4, 16, 16, 16, 8), np.float32)
+    y = np.asarray(layer(x))
+    assert set(np.unique(y)) == {0.0, 1.25}
+    kept = y > 0
+    assert kept.mean() == pytest.approx(0.8, abs=0.005)
+    assert np.abs(kept.reshape(-1, 8).mean(0) - 0.8).max() < 0.01
+    pairs = kept.reshape(-1, 4, 2)  # channels 2c and 2c + 1 come from one random word
+    corr = np.corrcoef(pairs[..., 0].ravel(), pairs[..., 1].ravel())[0, 1]
+    assert abs(corr) < 0.01
+    assert (np.asarray(layer(x)) != y).mean() > 0.2  # a new mask on every call
+    odd = np.asarray(MCDropout(0.2, seed=7)(np.ones((4, 16, 16, 16, 3), np.float32)))
+    assert (odd > 0).mean() == pytest.approx(0.8, abs=0.01)  # Keras' own mask
+
+
+def test_sampler_runs_the_deterministic_stem_once_and_draws_the_same_samples(model):
+    """The sampler repeats the stem's output instead of recomputing it, and with the same
+    random state it returns the very samples of the model on stacked copies."""
+    x = np.moveaxis(phantom_case("a", 0).image, 0, -1)[None]
+    sampler = uncertainty.mc_sampler(model, 6)
+    stem = 2 * 27 * 2 * CFG.base_filters * np.prod(SHAPE)  # the first 3^3 convolution
+    assert conv_flops(sampler, SHAPE) == pytest.approx(6 * conv_flops(model, SHAPE) - 5 * stem)
+    drops = [layer for layer in model.layers if isinstance(layer, MCDropout)]
+    state = [np.asarray(d.seed_generator.state.value) for d in drops]
+    stacked = np.asarray(model.predict_on_batch(np.repeat(x, 6, axis=0)))
+    for d, st in zip(drops, state, strict=True):
+        d.seed_generator.state.assign(st)
+    sampled = np.asarray(sampler.predict_on_batch(x))
+    assert sampled.shape == stacked.shape
+    assert not np.allclose(sampled[0], sampled[1])
+    assert np.allclose(sampled, stacked, atol=1e-5)
+
+
 def test_sample_mean_is_stable(model):
     x = phantom_case("a", 0).image
     a = uncertainty.mc_samples(model, x, 60, 30).mean(axis=0)

@@ -8,7 +8,8 @@ blocks of a strided 1^3 convolution plus a residual 3^3 convolution with instanc
 and PReLU, transposed-convolution decoder, segmentation heads on three decoder scales that are
 up-sampled and summed. Dropout after every convolution block stays on at inference (Monte Carlo
 dropout); instance normalisation has no running statistics, so nothing else changes between
-training and inference.
+training and inference. Convolutions that feed an instance normalisation have no bias: the
+normalisation subtracts any per-channel constant, so a bias would be a wasted pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 
@@ -26,11 +28,27 @@ class MCDropout(layers.Dropout):
 
     ``Dropout(rate)(x, training=True)`` in a functional model is silently ignored by
     ``predict`` in Keras 3 (every MC sample comes out identical); forcing ``training`` inside
-    ``call`` is what keeps Monte Carlo sampling alive.
+    ``call`` is what keeps Monte Carlo sampling alive. The mask is drawn from 16-bit random
+    integers when the channel count is even (see ``call``), else by Keras' own dropout.
     """
 
     def call(self, inputs, training=None):
-        return super().call(inputs, training=True)
+        channels = inputs.shape[-1]
+        if not self.rate or channels is None or channels % 2:
+            return super().call(inputs, training=True)
+        # One 32-bit random word gives the keep decisions of two channels (its 16-bit halves):
+        # half the random-number work of Keras' float mask, which is the largest elementwise
+        # cost of MC inference on CPU. The drop rate is rounded to a multiple of 2**-16.
+        shape = (*ops.shape(inputs)[:-1], channels // 2)
+        words = keras.random.randint(shape, -(2**31), 2**31 - 1, dtype="int32",
+                                     seed=self.seed_generator)
+        keep = ops.view(words, "uint16") >= self.threshold16
+        return inputs * ops.cast(keep, inputs.dtype) * (1.0 / (1.0 - self.rate))
+
+    @property
+    def threshold16(self) -> int:
+        """A voxel is kept when its 16-bit random number is at least this."""
+        return round(self.rate * 2**16)
 
 
 @dataclass(frozen=True)
@@ -90,14 +108,15 @@ class InstanceNormalization(layers.Layer):
 @keras.saving.register_keras_serializable(package="wmhqc")
 class ChannelPReLU(layers.Layer):
     """PReLU with one slope per channel (Keras' ``PReLU(shared_axes=spatial)``), written as
-    max(x, 0) + a * min(x, 0): two passes instead of Keras' four."""
+    max(x, a * x): two passes instead of Keras' four. That form needs a slope of at most 1, so
+    the slope is min(alpha, 1); PReLU slopes start at 0 and stay well below 1 in practice."""
 
     def build(self, input_shape):
         shape = (1,) * (len(input_shape) - 2) + (input_shape[-1],)
         self.alpha = self.add_weight(shape=shape, initializer="zeros", name="alpha")
 
     def call(self, x):
-        return ops.maximum(x, 0.0) + self.alpha * ops.minimum(x, 0.0)
+        return ops.maximum(x, x * ops.minimum(self.alpha, 1.0))
 
 
 def _norm_act(x, name: str):
@@ -113,9 +132,10 @@ def _dropout(x, rate: float, name: str, mc: bool):
 
 def encoder_block(x, filters: int, dropout: float, name: str, mc: bool = True):
     """Strided 1^3 convolution (down-sampling) plus a residual 3^3 convolution."""
-    down = layers.Conv3D(filters, 1, strides=2, name=f"{name}_down")(x)
+    down = layers.Conv3D(filters, 1, strides=2, use_bias=False, name=f"{name}_down")(x)
     down = _norm_act(down, f"{name}_down")
-    res = layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv")(down)
+    res = layers.Conv3D(filters, 3, padding="same", use_bias=False,
+                        name=f"{name}_conv")(down)
     res = _norm_act(res, f"{name}_conv")
     x = layers.Add(name=f"{name}_add")([down, res])
     return _dropout(x, dropout, name, mc)
@@ -123,17 +143,20 @@ def encoder_block(x, filters: int, dropout: float, name: str, mc: bool = True):
 
 def decoder_block(x, skip, filters: int, dropout: float, name: str, mc: bool = True):
     """Transposed-convolution up-sampling, concatenation with the skip, one 3^3 convolution."""
-    up = layers.Conv3DTranspose(filters, 2, strides=2, name=f"{name}_up")(x)
+    up = layers.Conv3DTranspose(filters, 2, strides=2, use_bias=False,
+                                name=f"{name}_up")(x)
     up = _norm_act(up, f"{name}_up")
     x = layers.Concatenate(name=f"{name}_cat")([up, skip])
-    x = layers.Conv3D(filters, 3, padding="same", name=f"{name}_conv")(x)
+    x = layers.Conv3D(filters, 3, padding="same", use_bias=False,
+                      name=f"{name}_conv")(x)
     x = _norm_act(x, f"{name}_conv")
     return _dropout(x, dropout, name, mc)
 
 
 def _unet_trunk(inputs, cfg: UNetConfig, mc: bool):
     """Shared encoder-decoder; returns the decoder outputs from coarse to fine."""
-    x = layers.Conv3D(cfg.base_filters, 3, padding="same", name="stem_conv")(inputs)
+    x = layers.Conv3D(cfg.base_filters, 3, padding="same", use_bias=False,
+                      name="stem_conv")(inputs)
     x = _norm_act(x, "stem")
     x = _dropout(x, cfg.dropout, "stem", mc)
     skips = [x]
@@ -174,25 +197,27 @@ def build_mc_unet(shape: Sequence[int] | None, cfg: UNetConfig) -> keras.Model:
 
 
 def conv_flops(model: keras.Model, spatial: Sequence[int]) -> float:
-    """Multiply-add FLOPs (x2) of the model's convolutions for one input of ``spatial`` size,
-    for reporting achieved GFLOP/s next to the machine's matrix-product rate."""
+    """Multiply-add FLOPs (x2) of the model's convolutions for one call on one input of
+    ``spatial`` size (a Monte Carlo sampler's call yields many samples), for reporting achieved
+    GFLOP/s next to the machine's matrix-product rate."""
     total = 0.0
-    convs = [layer for layer in model.layers
-             if isinstance(layer, layers.Conv3D | layers.Conv3DTranspose)]
-    probe = keras.Model(model.inputs, [layer.output for layer in convs])
-    shapes = probe.compute_output_shape((1, *spatial, model.inputs[0].shape[-1]))
-    for layer, out_shape in zip(convs, shapes, strict=True):
-        kernel = layer.kernel.shape  # (k, k, k, in, out) for both kinds
-        k_vol = kernel[0] * kernel[1] * kernel[2]
-        if isinstance(layer, layers.Conv3DTranspose):
-            in_voxels = 1
-            for s in out_shape[1:4]:
-                in_voxels *= s
-            in_voxels /= 8  # stride 2 in three axes
-            total += 2.0 * k_vol * kernel[3] * kernel[4] * in_voxels
-        else:
-            voxels = out_shape[1] * out_shape[2] * out_shape[3]
-            total += 2.0 * k_vol * kernel[3] * kernel[4] * voxels
+
+    def count(layer, *args, **kwargs):
+        nonlocal total
+        out = layer(*args, **kwargs)
+        if isinstance(layer, layers.Conv3D | layers.Conv3DTranspose):
+            kernel = layer.kernel.shape  # (k, k, k, in, out) for both kinds
+            positions = float(np.prod(out.shape[:4]))  # batch x output voxels
+            if isinstance(layer, layers.Conv3DTranspose):
+                positions /= float(np.prod(layer.strides))  # one kernel per input voxel
+            total += 2.0 * float(np.prod(kernel)) * positions
+        return out
+
+    # Re-trace the graph on a concrete one-case input, counting each convolution as it runs
+    # (works for models that share layers, such as a Monte Carlo sampler).
+    probe = keras.Input(batch_shape=(1, *spatial, model.inputs[0].shape[-1]))
+    keras.models.clone_model(keras.Model(model.inputs, model.outputs), input_tensors=[probe],
+                             clone_function=lambda layer: layer, call_function=count)
     return total
 
 
