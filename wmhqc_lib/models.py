@@ -216,9 +216,19 @@ def conv_flops(model: keras.Model, spatial: Sequence[int]) -> float:
     # Re-trace the graph on a concrete one-case input, counting each convolution as it runs
     # (works for models that share layers, such as a Monte Carlo sampler).
     probe = keras.Input(batch_shape=(1, *spatial, model.inputs[0].shape[-1]))
-    keras.models.clone_model(keras.Model(model.inputs, model.outputs), input_tensors=[probe],
-                             clone_function=lambda layer: layer, call_function=count)
+    retrace(model, count, inputs=[probe])
     return total
+
+
+def retrace(model: keras.Model, call_function, inputs: list | None = None) -> keras.Model:
+    """``model``'s graph traced again, each layer called through
+    ``call_function(layer, *args, **kwargs)``; the new model shares the layers and weights.
+    ``inputs`` replace the input tensors. The model's compile state is left behind (its loss
+    may not be deserialisable)."""
+    graph = keras.Model(model.inputs, model.outputs)
+    return keras.models.clone_model(graph, input_tensors=inputs,
+                                    clone_function=lambda layer: layer,
+                                    call_function=call_function)
 
 
 # ---------------------------------------------------------------------------------------------

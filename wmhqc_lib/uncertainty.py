@@ -35,7 +35,7 @@ from scipy import ndimage as ndi
 
 from .case_cache import cached_case_rows
 from .metrics import dice, pairwise_dice, two_class_dice
-from .models import MCDropout
+from .models import MCDropout, retrace
 from .preprocess import PreprocessedCase, map_to_native
 
 ENTROPY_EPS = 1e-7  # as in the authors' code
@@ -81,9 +81,7 @@ def mc_sampler(model: keras.Model, n: int) -> keras.Model:
         sampled.update(id(t) for t in keras.tree.flatten(out))
         return out
 
-    graph = keras.Model(model.inputs, model.outputs)  # same layers, none of model's compile state
-    clone = keras.models.clone_model(graph, clone_function=lambda layer: layer,
-                                     call_function=call_function)
+    clone = retrace(model, call_function)
     outputs = keras.tree.map_structure(as_samples, clone.outputs)  # a model without dropout
     return keras.Model(clone.inputs, outputs, name=f"{model.name}_sampler{n}")
 
