@@ -18,7 +18,7 @@ from wmhqc_lib.config import load_profile
 from wmhqc_lib.models import UNetConfig, build_mc_unet, conv_flops
 from wmhqc_lib.preprocess import PreprocessedCase
 from wmhqc_lib.training import Augmentation, PatchDataset, make_loss
-from wmhqc_lib.uncertainty import mc_sampler, mc_samples, mc_samples_naive
+from wmhqc_lib.uncertainty import mc_sampler, mc_samples, mc_samples_naive, sample_chunks
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -87,8 +87,7 @@ def main() -> None:
         naive.append(_timed(lambda c=c: mc_samples_naive(model, c.image, n)))
     t_batched, t_naive = float(np.median(batched)), float(np.median(naive))
     # FLOPs actually run: the sampler computes the layers before the first dropout once per call
-    chunks = [min(batch, n - start) for start in range(0, n, batch)]
-    flops = sum(conv_flops(mc_sampler(model, k), shape) for k in chunks)
+    flops = sum(conv_flops(mc_sampler(model, k), shape) for k in sample_chunks(n, batch))
     peak = matmul_gflops()
     print(f"MC inference per case (median of {len(cases)}): batched {t_batched:.2f} s "
           f"(range {min(batched):.2f}-{max(batched):.2f}), naive loop of {n} predict calls "

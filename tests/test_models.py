@@ -145,6 +145,12 @@ def test_sampler_runs_the_deterministic_stem_once_and_draws_the_same_samples(mod
     assert np.allclose(sampled, stacked, atol=1e-5)
 
 
+def test_samples_are_drawn_in_chunks_of_at_most_batch():
+    assert uncertainty.sample_chunks(20, 20) == [20]
+    assert uncertainty.sample_chunks(20, 4) == [4] * 5
+    assert uncertainty.sample_chunks(5, 2) == [2, 2, 1]
+
+
 def test_sample_mean_is_stable(model):
     x = phantom_case("a", 0).image
     a = uncertainty.mc_samples(model, x, 60, 30).mean(axis=0)

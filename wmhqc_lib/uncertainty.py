@@ -97,6 +97,11 @@ def _sampler(model: keras.Model, n: int) -> keras.Model:
     return per_model[n]
 
 
+def sample_chunks(n_samples: int, batch: int) -> list[int]:
+    """Samples per call when ``n_samples`` are drawn at most ``batch`` at a time."""
+    return [min(batch, n_samples - start) for start in range(0, n_samples, batch)]
+
+
 def mc_samples(model: keras.Model, image: np.ndarray, n_samples: int, batch: int
                ) -> np.ndarray:
     """N stochastic foreground-probability maps for one case, ``(N, X, Y, Z)``.
@@ -105,10 +110,8 @@ def mc_samples(model: keras.Model, image: np.ndarray, n_samples: int, batch: int
     at a time by :func:`mc_sampler`; dropout draws an independent mask per sample.
     """
     x = np.moveaxis(np.asarray(image, dtype=np.float32), 0, -1)[None]
-    out = []
-    for start in range(0, n_samples, batch):
-        k = min(batch, n_samples - start)
-        out.append(np.asarray(_sampler(model, k).predict_on_batch(x))[..., 0])
+    out = [np.asarray(_sampler(model, k).predict_on_batch(x))[..., 0]
+           for k in sample_chunks(n_samples, batch)]
     return np.concatenate(out, axis=0)
 
 
