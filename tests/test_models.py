@@ -18,7 +18,7 @@ from wmhqc_lib.models import (
     build_mc_unet,
     conv_flops,
 )
-from wmhqc_lib.preprocess import PreprocessedCase
+from wmhqc_lib.preprocess import NativeReference, PreprocessedCase
 
 keras = pytest.importorskip("keras")
 
@@ -37,8 +37,18 @@ def phantom_case(sid: str, seed: int, shape=SHAPE) -> PreprocessedCase:
     flair = rng.normal(0, 0.3, shape) + 2.5 * lesion
     t1 = rng.normal(0, 0.3, shape) - 1.5 * lesion
     image = np.stack([t1, flair]).astype(np.float32)
+    # the native grid is the profile grid here, so native and grid Dice agree
+    meta = {"affine": np.eye(4).tolist(), "native_affine": np.eye(4).tolist(),
+            "native_shape": list(shape), "lesion_ml": float(lesion.sum()) * 0.125}
     return PreprocessedCase(sid, image, lesion, np.zeros(shape, np.uint8),
-                            np.ones(shape, np.uint8), np.eye(4), {})
+                            np.ones(shape, np.uint8), np.eye(4), meta,
+                            native=NativeReference(lesion > 0, np.zeros(shape, bool), np.eye(4)))
+
+
+def references(cases):
+    """``reference(subject_id)`` for run_mc_inference, from the cases' own native masks."""
+    by_id = {c.subject_id: c.native for c in cases}
+    return by_id.__getitem__
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +206,67 @@ def test_dice_conventions_and_ignore():
     assert paper == pytest.approx((0.5 + 0.5) / 2)  # fg 0.5, bg 2*16/(32+32) = 0.5
 
 
+def test_dice_with_a_partial_volume_reference_and_the_empty_reference_rule():
+    """A fractional reference counts by its fractions (binary references unchanged); an empty
+    reference scores 1 only with an empty prediction."""
+    frac = np.zeros((4, 4, 4), np.float32)
+    frac[0] = 1.0
+    frac[1] = 0.25
+    p = np.zeros(frac.shape, bool)
+    p[0] = True
+    # overlap 16, prediction 16, reference 16 + 4
+    assert metrics.dice(p, frac) == pytest.approx(2 * 16 / (16 + 20))
+    assert metrics.dice(p, frac > 0.5) == metrics.dice(p, (frac > 0.5).astype(np.uint8)) == 1.0
+    ignore = np.zeros(frac.shape, np.float32)
+    ignore[1] = 0.6  # mostly ignored: out of both masks
+    assert metrics.dice(p, frac, ignore) == pytest.approx(1.0)
+    ignore[1] = 0.4  # mostly not ignored: counts
+    assert metrics.dice(p, frac, ignore) == pytest.approx(2 * 16 / (16 + 20))
+    empty = np.zeros_like(frac)
+    assert metrics.dice(np.zeros_like(p), empty) == 1.0
+    assert metrics.dice(p, empty) == 0.0
+
+
+def test_qc_scores_never_read_the_annotation(tmp_path):
+    """Rewrite a case's annotation (lesion, label-2 ignore, native reference): every QC column
+    of MC inference and the Dice regressor's prediction from the saved maps stay bit-identical,
+    while true Dice changes."""
+    from wmhqc_lib import regression
+    from wmhqc_lib.models import build_dice_regressor
+    from wmhqc_lib.reconstruction import QCImage
+
+    case = phantom_case("a", 3)
+    other = np.zeros(SHAPE, np.uint8)
+    other[2:6, 2:6, 2:6] = 1  # another lesion ...
+    label2 = np.zeros(SHAPE, np.float32)
+    label2[9:14, 9:14, 9:14] = 1.0  # ... and a label-2 region where the blob is
+    altered = PreprocessedCase(
+        "a", case.image, other, label2, case.brain, case.affine,
+        dict(case.meta, lesion_ml=float(other.sum()) * 0.125),
+        native=NativeReference(other > 0, label2 > 0, np.eye(4)))
+    tables, inputs = [], []
+    for k, c in enumerate((case, altered)):
+        keras.utils.set_random_seed(0)  # the same weights and dropout streams for both runs
+        net = build_mc_unet(None, CFG)
+        out = tmp_path / f"run{k}"
+        tables.append(uncertainty.run_mc_inference(net, [c], {"a": "test"}, out, n_samples=6,
+                                                   batch=3, voxel_ml=0.125, fold=1,
+                                                   reference=references([c]), progress=False))
+        maps = uncertainty.load_maps(out / "maps" / "a.npz")
+        image = QCImage.from_arrays("a", c.image[1], c.brain)
+        inputs.append(regression.CaseInputs("a", image, maps["prediction"] > 0, maps["mean"],
+                                            maps["entropy"], np.zeros(SHAPE, np.float32)))
+    columns = list(uncertainty.QC_COLUMNS)
+    assert tables[0][columns].equals(tables[1][columns])
+    assert tables[0]["true_dice"].iloc[0] != tables[1]["true_dice"].iloc[0]
+    keras.utils.set_random_seed(1)
+    regressor = build_dice_regressor(SHAPE, 2, (4, 4, 4, 4))
+    for kind in regression.INPUT_KINDS:
+        x = [np.stack([i.pair(kind)]) for i in inputs]
+        assert np.array_equal(regression.predict_dice(regressor, x[0]),
+                              regression.predict_dice(regressor, x[1])), kind
+
+
 def _target(lesion, ignore):
     return np.stack([lesion, ignore], axis=-1)[None].astype(np.float32)
 
@@ -304,10 +375,11 @@ def test_mc_inference_writes_maps_and_resumes(tmp_path, model):
     cases = [phantom_case("a", 0), phantom_case("b", 1)]
     table = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"}, tmp_path,
                                          n_samples=4, batch=2, voxel_ml=0.125, fold=1,
-                                         progress=False)
+                                         reference=references(cases), progress=False)
     assert list(table["split"]) == ["test", "train"]
-    expected = {"true_dice", "true_dice_paper", "uncertainty_vs", "mean_entropy_lesion",
-                "pairwise_dice", "pred_lesion_ml", "true_lesion_ml"}
+    expected = {"true_dice", "true_dice_paper", "true_dice_grid", "reference_empty",
+                "uncertainty_vs", "mean_entropy_lesion", "pairwise_dice", "pred_lesion_ml",
+                "true_lesion_ml"}
     assert expected <= set(table.columns)
     assert table["true_lesion_ml"].iloc[0] == pytest.approx(cases[0].lesion.sum() * 0.125)
     maps = uncertainty.load_maps(tmp_path / "maps" / "a.npz")
@@ -317,12 +389,13 @@ def test_mc_inference_writes_maps_and_resumes(tmp_path, model):
     mtime = (tmp_path / "maps" / "a.npz").stat().st_mtime_ns
     again = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"}, tmp_path,
                                          n_samples=4, batch=2, voxel_ml=0.125, fold=1,
-                                         progress=False)
+                                         reference=references(cases), progress=False)
     assert (tmp_path / "maps" / "a.npz").stat().st_mtime_ns == mtime
     assert again.equals(table)
     retrained = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"},
                                              tmp_path, n_samples=4, batch=2, voxel_ml=0.125,
-                                             fold=1, progress=False, model_key="another model")
+                                             fold=1, reference=references(cases),
+                                             progress=False, model_key="another model")
     assert not retrained.equals(table)  # a new model's samples are drawn, not read back
 
 

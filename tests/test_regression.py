@@ -87,14 +87,14 @@ def test_widened_masks_and_their_own_dice(tmp_path):
     rec = build_rec_unet(None, UNetConfig(base_filters=4, encoder_filters=(8, 16, 32)))
     settings = {"thresholds": [0.25, 0.75], "dilate": 1, "erode": 0}
     cache = tmp_path / "a.npz"
-    extra = rg.widened_pairs(rec, c, lesion, np.zeros(SHAPE, np.uint8), settings, cache, "t")
+    extra = rg.widened_pairs(rec, c, lambda m: dice(m, lesion), settings, cache, "t")
     assert extra["names"] == ["threshold_0.25", "threshold_0.75", "dilate_1"]
     for name, mask, d in zip(extra["names"], extra["masks"], extra["dice"], strict=True):
         assert d == pytest.approx(dice(mask, lesion)), name
     assert extra["error"].shape == (3, *SHAPE)
     assert np.all(extra["error"][:, ~c.image.brain] == 0)
     # read back from the cache: no model needed
-    again = rg.widened_pairs(None, c, lesion, np.zeros(SHAPE, np.uint8), settings, cache, "t")
+    again = rg.widened_pairs(None, c, lambda m: 1 / 0, settings, cache, "t")  # no rescoring
     assert np.allclose(again["error"], extra["error"], rtol=1e-2, atol=1e-3)
 
 

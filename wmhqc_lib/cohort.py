@@ -118,6 +118,31 @@ def cohort_table(manifest: pd.DataFrame, prep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows + [total])
 
 
+def grid_volume_check(prep: pd.DataFrame) -> pd.DataFrame:
+    """How much of each subject's lesion volume the profile grid carries (partial volume), and
+    how many references hold no lesion at all (scored by the empty-reference rule).
+
+    One row per site and one for all: the native lesion volume, the grid/native ratio (median,
+    minimum, maximum) and the count of empty references.
+    """
+    ok = prep[prep["status"] != "failed"].copy()
+    empty = ok["reference_empty"].astype(bool) if "reference_empty" in ok else \
+        ok["lesion_ml"] <= 0
+    ok["ratio"] = np.where(empty, np.nan, ok["lesion_ml_grid"] / ok["lesion_ml"].where(~empty))
+    ok["empty"] = empty
+
+    def summary(group: pd.DataFrame) -> dict:
+        return {"subjects": len(group), "lesion_ml_median": group["lesion_ml"].median(),
+                "grid_ratio_median": group["ratio"].median(),
+                "grid_ratio_min": group["ratio"].min(), "grid_ratio_max": group["ratio"].max(),
+                "empty_references": int(group["empty"].sum())}
+
+    rows = []
+    if "site" in ok:
+        rows = [{"site": site, **summary(group)} for site, group in ok.groupby("site", sort=False)]
+    return pd.DataFrame(rows + [{"site": "all", **summary(ok)}])
+
+
 def example_cases(table: pd.DataFrame, column: str = "load_pct") -> dict[str, str]:
     """A small, a medium and a large lesion-load subject: the one nearest the median of each
     third of the load distribution (ties by subject id), for figures that show the range."""

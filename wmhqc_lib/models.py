@@ -231,6 +231,22 @@ def retrace(model: keras.Model, call_function, inputs: list | None = None) -> ke
                                     call_function=call_function)
 
 
+def without_dropout(model: keras.Model) -> keras.Model:
+    """``model`` with every :class:`MCDropout` skipped, sharing its layers and weights.
+
+    Dropout scales kept activations by ``1 / (1 - rate)``, so skipping it gives each layer the
+    expected input of the MC passes: one deterministic pass that approximates the MC mean.
+    Checkpoint selection uses it (``benchmarks/checkpoint_selection.py`` compares the
+    rankings it gives with those of the MC mean and of one stochastic pass).
+    """
+    def call_function(layer, *args, **kwargs):
+        if isinstance(layer, MCDropout):
+            return args[0]
+        return layer(*args, **kwargs)
+
+    return retrace(model, call_function)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reconstruction U-net and Dice regressor (the paper's second and third QC families)
 

@@ -111,7 +111,8 @@ class RecPatchDataset(PatchDataset):
 
     def __getitem__(self, index: int):
         image, target = super().__getitem__(index)
-        return image * (1.0 - target[..., :1]), image
+        # zero where the voxel is mostly lesion, as QC zeroes a binary prediction (mean > 0.5)
+        return image * (target[..., :1] < 0.5), image
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ import pandas as pd
 from scipy import ndimage as ndi
 from scipy.stats import pearsonr
 
-from .metrics import dice
 from .reconstruction import QCImage, array_digest, error_maps
 from .training import TrainResult, fit_model
+
+WIDEN_VERSION = 2  # 2: true Dice of widened masks on the native grid
 
 INPUT_KINDS = ("image", "uncertainty", "error")
 INPUT_LABELS = {"image": "image-prediction", "uncertainty": "uncertainty-prediction",
@@ -111,24 +112,26 @@ def widened_masks(mean: np.ndarray, prediction: np.ndarray, thresholds: Sequence
     return out
 
 
-def widened_pairs(rec_model: keras.Model, case: CaseInputs, lesion: np.ndarray,
-                  ignore: np.ndarray, settings: Mapping, cache: Path | None = None,
-                  tag: str = "", batch: int = 4) -> dict[str, object]:
+def widened_pairs(rec_model: keras.Model, case: CaseInputs,
+                  true_dice: Callable[[np.ndarray], float], settings: Mapping,
+                  cache: Path | None = None, tag: str = "", batch: int = 4
+                  ) -> dict[str, object]:
     """Extra training pairs of one *training* case: masks, their true Dice against the case's
-    ground truth, and the error maps with each mask zeroed. Cached in ``cache`` (an npz)
+    ground truth (``true_dice(mask)``: measured where the targets of the main pairs are, on
+    the native grid), and the error maps with each mask zeroed. Cached in ``cache`` (an npz)
     when the reconstruction model ``tag`` and the masks are unchanged."""
     masks = widened_masks(case.mean, case.prediction, settings.get("thresholds", ()),
                           int(settings.get("dilate", 0)), int(settings.get("erode", 0)))
     names = list(masks)
     stack = np.stack([masks[n] for n in names]) if names else \
         np.zeros((0, *case.prediction.shape), bool)
-    stamp = f"{tag}|{array_digest(stack)}"
+    stamp = f"{WIDEN_VERSION}|{tag}|{array_digest(stack)}"
     if cache is not None and cache.exists():
         with np.load(cache) as z:
             if str(z["stamp"]) == stamp:
                 return {"names": names, "masks": stack, "dice": z["dice"],
                         "error": z["error"].astype(np.float32)}
-    scores = np.array([dice(m, lesion, ignore) for m in stack], dtype=np.float32)
+    scores = np.array([true_dice(m) for m in stack], dtype=np.float32)
     errors = np.stack([m.error for m in error_maps(rec_model, case.image, stack, batch)]) \
         if names else np.zeros((0, *case.prediction.shape), np.float32)
     if cache is not None:

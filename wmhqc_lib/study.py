@@ -135,9 +135,11 @@ def run_uncertainty(profile: Profile, results_dir: str | Path, fold: int, model,
     section = profile.section("mc_unet")
     data = load_fold(results_dir, fold)
     paths = FoldPaths.under(results_dir, fold)
+    cache = cohort.CohortPaths.under(results_dir).cache
     table = run_mc_inference(model, data.all_cases(), data.splits, paths.mc,
                              int(section["mc_samples"]), int(section["mc_batch"]),
                              voxel_ml(profile), fold,
+                             lambda sid: preprocess.load_native_reference(cache, sid),
                              native_for=[c.subject_id for c in data.cases["test"]],
                              progress=progress, model_key=file_digest(paths.mc_unet / "best.keras"))
     write_case_table(results_dir, fold)
@@ -394,9 +396,14 @@ def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
         tag = model_tag(paths.rec_unet)
         cache = cohort.CohortPaths.under(results_dir).cache
         for sid in ids["train"]:  # ground truth of training cases only
-            case = preprocess.load_case(cache, sid)
-            extra[sid] = rg.widened_pairs(rec_model, inputs[sid], case.lesion, case.ignore,
-                                          widen, paths.dr / "widened" / f"{sid}.npz", tag,
+            meta = preprocess.load_case(cache, sid).meta
+            reference = preprocess.load_native_reference(cache, sid)
+
+            def true_dice(mask, meta=meta, reference=reference):
+                return preprocess.native_dice(mask.astype(np.float32), meta, reference)
+
+            extra[sid] = rg.widened_pairs(rec_model, inputs[sid], true_dice, widen,
+                                          paths.dr / "widened" / f"{sid}.npz", tag,
                                           int(rec_section.get("infer_batch", 4)))
 
     shape = tuple(profile.preprocess.shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from keras import ops
 from scipy import ndimage as ndi
 
 from .metrics import dice
-from .models import ChannelPReLU, InstanceNormalization, MCDropout
+from .models import ChannelPReLU, InstanceNormalization, MCDropout, without_dropout
 from .preprocess import PreprocessedCase
 from .synth import random_rotation
 
@@ -127,12 +128,20 @@ def sample_patch(case: PreprocessedCase, patch: Sequence[int], rng: np.random.Ge
     """One training patch: centred on a lesion voxel with probability ``lesion_fraction``,
     else on a random brain voxel; augmented by a small affine, a left-right flip, intensity
     scale and shift, and Gaussian noise. Returns image ``(*patch, C)`` and target
-    ``(*patch, 2)`` (lesion, ignore)."""
+    ``(*patch, 2)`` (lesion, ignore), both fractions in [0, 1] (soft Dice and BCE take
+    partial-volume targets as they are)."""
     patch = np.asarray(patch)
-    lesion_idx = np.argwhere(case.lesion > 0)
-    pool = lesion_idx if (len(lesion_idx) and rng.random() < lesion_fraction) else \
-        np.argwhere(case.brain > 0)
-    centre = pool[rng.integers(len(pool))].astype(float)
+    lesion = np.asarray(case.lesion, dtype=np.float64).ravel()
+    lesion_idx = np.flatnonzero(lesion > 0)
+    if len(lesion_idx) and rng.random() < lesion_fraction:
+        # a lesion voxel, in proportion to how much of it is lesion (partial volume)
+        weights = np.cumsum(lesion[lesion_idx])
+        pick = lesion_idx[min(int(np.searchsorted(weights, rng.random() * weights[-1])),
+                              len(lesion_idx) - 1)]
+        centre = np.asarray(np.unravel_index(pick, case.lesion.shape), dtype=float)
+    else:
+        pool = np.argwhere(case.brain > 0)
+        centre = pool[rng.integers(len(pool))].astype(float)
     stack = np.concatenate([case.image, case.lesion[None].astype(np.float32),
                             case.ignore[None].astype(np.float32)])
     if aug is not None and (aug.rotate_deg > 0 or aug.scale > 0):
@@ -143,7 +152,7 @@ def sample_patch(case: PreprocessedCase, patch: Sequence[int], rng: np.random.Ge
     out = np.stack([ndi.affine_transform(ch, matrix, offset=offset, output_shape=tuple(patch),
                                          order=1, mode="constant", cval=0.0)
                     for ch in stack])
-    image, target = out[:-2], (out[-2:] > 0.5).astype(np.float32)
+    image, target = out[:-2], np.clip(out[-2:], 0.0, 1.0)  # partial volume stays a fraction
     if aug is not None:
         if aug.flip and rng.random() < 0.5:
             image, target = image[:, ::-1], target[:, ::-1]
@@ -200,9 +209,28 @@ def predict_volume(model: keras.Model, case: PreprocessedCase) -> np.ndarray:
     return np.asarray(model.predict_on_batch(x))[0, ..., 0]
 
 
+_DETERMINISTIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def deterministic(model: keras.Model) -> keras.Model:
+    """The model with MC dropout skipped (shared weights), kept while the model lives; a
+    model without :class:`MCDropout` is returned as it is."""
+    if not any(isinstance(layer, MCDropout) for layer in model.layers):
+        return model
+    if model not in _DETERMINISTIC:
+        _DETERMINISTIC[model] = without_dropout(model)
+    return _DETERMINISTIC[model]
+
+
 def validation_dice(model: keras.Model, cases: Sequence[PreprocessedCase]) -> float:
-    """Mean lesion Dice of single-pass predictions on whole validation volumes."""
-    scores = [dice(predict_volume(model, c) > 0.5, c.lesion, c.ignore) for c in cases]
+    """Mean lesion Dice on whole validation volumes (profile grid, partial-volume reference).
+
+    An MC model is scored with dropout off, the deterministic approximation of the MC mean
+    that QC later uses, not with one stochastic pass whose noise would pick checkpoints by
+    luck.
+    """
+    net = deterministic(model)
+    scores = [dice(predict_volume(net, c) > 0.5, c.lesion, c.ignore) for c in cases]
     return float(np.mean(scores)) if scores else float("nan")
 
 

@@ -13,7 +13,10 @@ Per case:
   uncertainty that comes from the model, not the data) and the variance of the samples;
 * scores: entropy voxel-wise sum (the paper's VS, Eq. 1, per case, never rescaled across
   cases), mean entropy in and around the predicted lesion, and the mean pairwise Dice between
-  the N binary sample masks (the best QC score in today's failure-detection benchmark).
+  the N binary sample masks (the best QC score in today's failure-detection benchmark);
+  :func:`qc_scores` reads the MC outputs only, never an annotation;
+* true quality (:func:`true_quality`): lesion Dice on the subject's native FLAIR grid, where the
+  annotation lives, and on the profile grid for comparison.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import shutil
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +37,12 @@ from keras import layers, ops
 from scipy import ndimage as ndi
 
 from .case_cache import cached_case_rows
-from .metrics import dice, pairwise_dice, two_class_dice
+from .metrics import dice, pairwise_dice
 from .models import MCDropout, retrace
-from .preprocess import PreprocessedCase, map_to_native
+from .preprocess import NativeReference, PreprocessedCase, map_to_native, native_dice
 
 ENTROPY_EPS = 1e-7  # as in the authors' code
+SCORES_VERSION = 2  # bumped when a column of the per-case table changes meaning
 
 
 class RepeatSamples(layers.Layer):
@@ -167,20 +171,45 @@ def mean_entropy_near_lesion(maps: UncertaintyMaps) -> float:
     return float(maps.entropy[region].mean())
 
 
-def case_scores(maps: UncertaintyMaps, case: PreprocessedCase, voxel_ml: float) -> dict:
-    """True quality and QC scores of one case (true quality needs ground truth, the scores
-    do not)."""
-    ignore = case.ignore > 0
+#: The columns of :func:`case_scores` that QC may use: computed from the model's outputs alone.
+QC_COLUMNS = ("pred_lesion_ml", "uncertainty_vs", "mean_entropy_lesion", "pairwise_dice",
+              "mutual_information_vs")
+
+
+def qc_scores(maps: UncertaintyMaps, voxel_ml: float) -> dict:
+    """The QC scores of one case, from the MC outputs alone: no annotation is an argument, so
+    none can leak in (MICCAI label 2, say, is exactly where samples disagree)."""
     return {
-        "true_dice": dice(maps.prediction, case.lesion, ignore),
-        "true_dice_paper": two_class_dice(maps.prediction, case.lesion, ignore),
-        "true_lesion_ml": float((case.lesion > 0).sum()) * voxel_ml,
         "pred_lesion_ml": float((maps.prediction > 0).sum()) * voxel_ml,
         "uncertainty_vs": float(maps.entropy.sum(dtype=np.float64)),
         "mean_entropy_lesion": mean_entropy_near_lesion(maps),
-        "pairwise_dice": pairwise_dice(maps.sample_masks, ignore),
+        "pairwise_dice": pairwise_dice(maps.sample_masks),
         "mutual_information_vs": float(maps.mutual_information.sum(dtype=np.float64)),
     }
+
+
+def true_quality(maps: UncertaintyMaps, case: PreprocessedCase, reference: NativeReference
+                 ) -> dict:
+    """How good the prediction really is (needs the annotation; never an input to QC).
+
+    ``true_dice`` and ``true_dice_paper`` are measured on the subject's native FLAIR grid (the
+    MC mean mapped back and cut at 0.5); ``true_dice_grid`` on the profile grid against the
+    partial-volume reference, to show what the coarse grid costs.
+    """
+    return {
+        "true_dice": native_dice(maps.mean, case, reference),
+        "true_dice_paper": native_dice(maps.mean, case, reference, two_class=True),
+        "true_dice_grid": dice(maps.prediction, case.lesion, case.ignore),
+        "true_lesion_ml": float(case.meta["lesion_ml"]),
+        "reference_empty": reference.empty,
+    }
+
+
+def case_scores(maps: UncertaintyMaps, case: PreprocessedCase, reference: NativeReference,
+                voxel_ml: float) -> dict:
+    """True quality and QC scores of one case (true quality needs the annotation, the scores
+    do not)."""
+    return true_quality(maps, case, reference) | qc_scores(maps, voxel_ml)
 
 
 def save_maps(maps: UncertaintyMaps, path: Path) -> None:
@@ -216,17 +245,20 @@ def save_native(maps: UncertaintyMaps, case: PreprocessedCase, folder: Path) -> 
 
 def run_mc_inference(model: keras.Model, cases: Sequence[PreprocessedCase],
                      splits: dict[str, str], out_dir: str | Path, n_samples: int, batch: int,
-                     voxel_ml: float, fold: int, native_for: Sequence[str] = (),
-                     progress: bool = True, model_key: str = "") -> pd.DataFrame:
+                     voxel_ml: float, fold: int,
+                     reference: Callable[[str], NativeReference],
+                     native_for: Sequence[str] = (), progress: bool = True,
+                     model_key: str = "") -> pd.DataFrame:
     """MC inference on every case of a fold; writes ``maps/<id>.npz``, native NIfTI for the
     subjects in ``native_for`` and returns the per-case table (also ``mc_cases.csv``).
+    ``reference(subject_id)`` gives the native reference masks for true Dice.
 
     Cases whose maps already exist for the same ``model_key`` (which model, how many samples)
     are read back instead of recomputed, so an interrupted run continues where it stopped; a
     different key (a retrained model) discards them all.
     """
     out_dir = Path(out_dir)
-    key = json.dumps({"model": model_key, "n_samples": n_samples})
+    key = json.dumps({"model": model_key, "n_samples": n_samples, "scores": SCORES_VERSION})
     key_path = out_dir / "inference.json"
     if not key_path.exists() or key_path.read_text() != key:
         for folder in ("maps", "rows", "native"):
@@ -238,7 +270,7 @@ def run_mc_inference(model: keras.Model, cases: Sequence[PreprocessedCase],
         start = time.perf_counter()
         maps = uncertainty_maps(mc_samples(model, case.image, n_samples, batch))
         row = {"fold": fold, "subject_id": case.subject_id, "split": splits[case.subject_id],
-               **case_scores(maps, case, voxel_ml)}
+               **case_scores(maps, case, reference(case.subject_id), voxel_ml)}
         if case.subject_id in native_for:
             row.update(save_native(maps, case, out_dir / "native"))
         row["mc_seconds"] = round(time.perf_counter() - start, 3)
