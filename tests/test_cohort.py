@@ -172,3 +172,17 @@ def test_load_names_the_missing_file(tmp_path, smoke_manifest, prep):
     assert manifest["synthetic"].dtype == bool
     pd.testing.assert_frame_equal(prep_back, prep, check_dtype=False)
     pd.testing.assert_frame_equal(folds_back, folds)
+
+
+def test_grid_volume_check_counts_empty_references_and_ratios():
+    prep = pd.DataFrame({
+        "subject_id": ["a", "b", "c", "d"], "site": ["s1", "s1", "s2", "s2"],
+        "status": ["computed", "computed", "cached", "failed"],
+        "lesion_ml": [10.0, 4.0, 0.0, 3.0], "lesion_ml_grid": [9.9, 4.1, 0.0, 0.0],
+        "reference_empty": [False, False, True, False]})
+    table = cohort.grid_volume_check(prep).set_index("site")
+    assert table.loc["all", "subjects"] == 3  # the failed case is left out
+    assert table.loc["all", "empty_references"] == 1
+    assert table.loc["s2", "empty_references"] == 1 and np.isnan(table.loc["s2", "grid_ratio_min"])
+    assert table.loc["all", "grid_ratio_min"] == pytest.approx(0.99)
+    assert table.loc["all", "grid_ratio_max"] == pytest.approx(1.025)

@@ -424,3 +424,27 @@ print("jax ok", first, last)
 
 def test_smoke_model_trains_and_infers_on_jax():
     assert "jax ok" in run_on_jax(JAX_SCRIPT)
+
+
+def test_checkpoints_are_scored_with_dropout_off(model):
+    """Validation scores an MC model deterministically (dropout skipped, weights shared), so a
+    checkpoint is not chosen by the luck of one stochastic pass."""
+    from wmhqc_lib.training import deterministic, predict_volume, validation_dice
+
+    cases = [phantom_case("v0", 20), phantom_case("v1", 21)]
+    net = deterministic(model)
+    assert net is deterministic(model)  # traced once per model
+    first = predict_volume(net, cases[0])
+    assert np.array_equal(first, predict_volume(net, cases[0]))
+    assert not np.array_equal(predict_volume(model, cases[0]), predict_volume(model, cases[0]))
+    assert validation_dice(model, cases) == validation_dice(model, cases)
+    # the deterministic pass is the mean over dropout masks to first order: close to MC mean
+    mc = uncertainty.mc_samples(model, cases[0].image, 40, 20).mean(axis=0)
+    assert np.abs(first - mc).mean() < np.abs(predict_volume(model, cases[0]) - mc).mean()
+    # weights are shared: changing the model's weights changes the deterministic pass
+    weights = model.get_weights()
+    model.set_weights([w * 0.5 for w in weights])
+    try:
+        assert not np.array_equal(first, predict_volume(net, cases[0]))
+    finally:
+        model.set_weights(weights)

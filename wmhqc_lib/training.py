@@ -301,13 +301,15 @@ class TrainResult:
 
 def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[PreprocessedCase],
                   val_cases: Sequence[PreprocessedCase], folder: str | Path, section: dict,
-                  seed: int, progress: bool = True) -> TrainResult:
+                  seed: int, progress: bool = True,
+                  score: Callable[[keras.Model], float] | None = None) -> TrainResult:
     """Train (or resume, or skip when finished) a segmentation model in ``folder``.
 
     ``section`` is the profile's model section (patch, batch_size, steps_per_epoch, epochs,
     patience, learning_rate, loss, bce_weight, lesion_patch_fraction, augmentation). The folder
     holds ``best.keras`` (best validation Dice), ``last.keras`` (for resuming), ``history.csv``
     and ``state.json``; a finished run with the same settings and seed is not redone.
+    ``score(model)`` replaces the validation Dice (default :func:`validation_dice`).
     """
     key = {"section": section, "seed": seed, "train": [c.subject_id for c in train_cases],
            "val": [c.subject_id for c in val_cases]}
@@ -321,7 +323,7 @@ def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[Prepro
 
     loss = make_loss(section.get("loss", "dice_bce"), float(section.get("bce_weight", 1.0)))
     return fit_model(build, folder, section, seed, key=key, make_dataset=make_dataset,
-                     loss=loss, val_cases=val_cases, progress=progress)
+                     loss=loss, val_cases=val_cases, score=score, progress=progress)
 
 
 def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dict, seed: int,
