@@ -56,10 +56,11 @@ def main() -> None:
                for c in val]
         mc = [dice(mc_samples(model, c.image, n, batch).mean(axis=0) > 0.5, c.lesion, c.ignore)
               for c in val]
-        rows.append({"epoch": len(rows) + 1, "one_pass": np.mean(one),
-                     "dropout_off": np.mean(off), f"mc_mean_{n}": np.mean(mc),
+        rows.append({"epoch": len(rows) + 1, "one_pass": float(np.mean(one)),
+                     "dropout_off": float(np.mean(off)), f"mc_mean_{n}": float(np.mean(mc)),
                      "scoring_s": round(time.perf_counter() - start, 1)})
-        print(rows[-1], flush=True)
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in rows[-1].items()), flush=True)
         return float(np.mean(off))
 
     cfg = UNetConfig.from_section(section, in_channels=len(preprocess.CHANNELS))

@@ -1,0 +1,96 @@
+"""The numbers a reviewer asks of a finished study, from its per-case tables.
+
+Per fold: test cases, median test lesion Dice on the native grid and on the profile grid,
+failed cases, empty references. Per QC score (test rows of all folds pooled): failure AUROC,
+AURC with its bootstrap 95 % interval, e-AURC, and the lesion-volume baseline beside them.
+Writes nothing; prints Markdown tables (for notes and before/after comparisons).
+
+``--native-from-files`` recomputes native-grid Dice of test cases from the saved native
+predictions (``native_prediction``) for runs made before the tables carried it.
+
+    .venv/bin/python benchmarks/study_summary.py --results results/cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pandas as pd
+
+from wmhqc_lib import cohort, datasets, report
+from wmhqc_lib.config import load_profile
+from wmhqc_lib.metrics import dice
+
+
+def native_dice_from_files(results: str, cases: pd.DataFrame) -> pd.Series:
+    """Lesion Dice of each test row's saved native prediction against its native mask."""
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+
+    manifest = cohort.load(results)[0].set_index("subject_id")
+    out = {}
+    for i, row in cases[cases["split"] == "test"].iterrows():
+        images = datasets.load_subject(manifest.loc[row["subject_id"]].to_dict()
+                                       | {"subject_id": row["subject_id"]})
+        pred = nib.load(row["native_prediction"])
+        truth, ignore = images.lesion, images.ignore
+        if truth.shape != pred.shape or not np.allclose(truth.affine, pred.affine):
+            truth = resample_to_img(truth, pred, interpolation="nearest")
+            ignore = None if ignore is None else resample_to_img(ignore, pred,
+                                                                 interpolation="nearest")
+        out[i] = dice(np.asarray(pred.dataobj) > 0.5, np.asarray(truth.dataobj) > 0,
+                      None if ignore is None else np.asarray(ignore.dataobj) > 0)
+    return pd.Series(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--native-from-files", action="store_true")
+    parser.add_argument("--bootstrap", type=int, default=None)
+    args = parser.parse_args()
+    profile = load_profile(args.profile)
+    settings = profile.section("evaluation")
+    q = float(settings["quality_threshold"])
+    n_boot = args.bootstrap or int(settings["bootstrap_samples"])
+    cases, scores = report.available_scores(report.load_all_cases(args.results),
+                                            seed=profile.seed)
+    if args.native_from_files:
+        cases["true_dice_grid"] = cases["true_dice"]
+        native = native_dice_from_files(args.results, cases)
+        cases.loc[native.index, "true_dice"] = native
+    test = cases[cases["split"] == "test"]
+    per_fold = test.groupby("fold").agg(
+        cases=("subject_id", "size"),
+        median_dice_native=("true_dice", "median"),
+        median_dice_grid=("true_dice_grid", "median") if "true_dice_grid" in test else
+        ("true_dice", lambda s: np.nan),
+        failed=("true_dice", lambda s: int((s < q).sum())),
+        empty_references=("reference_empty", "sum") if "reference_empty" in test else
+        ("true_dice", lambda s: np.nan))
+    total = {"cases": len(test), "median_dice_native": test["true_dice"].median(),
+             "median_dice_grid": test["true_dice_grid"].median()
+             if "true_dice_grid" in test else np.nan,
+             "failed": int((test["true_dice"] < q).sum()),
+             "empty_references": test["reference_empty"].sum()
+             if "reference_empty" in test else np.nan}
+    per_fold.loc["all"] = total
+    print(f"## {args.results}: failure = native lesion Dice < {q}\n")
+    print(per_fold.round(3).to_markdown())
+    ranking = report.ranking_table(cases, scores, n_boot=n_boot, seed=profile.seed,
+                                   quality_threshold=q)
+    ranking["aurc_95"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                          zip(ranking["aurc"], ranking["aurc_low"], ranking["aurc_high"],
+                              strict=True)]
+    ranking["auroc_95"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                           zip(ranking["failure_auroc"], ranking["failure_auroc_low"],
+                               ranking["failure_auroc_high"], strict=True)]
+    columns = ["auroc_95", "aurc_95", "eaurc"] + \
+        [c for c in ("norm_aurc",) if c in ranking]
+    print("\n" + ranking.sort_values("aurc")[columns].round(3).to_markdown())
+
+
+if __name__ == "__main__":
+    main()
