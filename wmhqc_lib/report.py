@@ -62,7 +62,7 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
                   seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
                   dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
     """Threshold-free ranking metrics on all test rows pooled over folds, with bootstrap 95 %
-    intervals (over cases) for failure AUROC, AURC and Pearson r."""
+    intervals (over cases) for :data:`~wmhqc_lib.evaluation.BOOTSTRAP_METRICS`."""
     test = ev.scored_rows(cases)
     rows = []
     for spec in scores:
@@ -76,6 +76,7 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
         sign = 1.0 if spec.higher_is_better else -1.0
         row = {"score": spec.label, "failure_auroc": metrics["failure_auroc"],
                "aurc": metrics["aurc"], "eaurc": metrics["eaurc"],
+               "norm_aurc": metrics["norm_aurc"],
                "spearman_r": metrics["spearman_r"], "pearson_r": metrics["pearson_r"],
                # rank agreement with Dice in the score's own direction (+1 = perfect)
                "spearman_oriented": sign * metrics["spearman_r"]}
@@ -166,11 +167,12 @@ def _curve_figure(curves: dict[str, pd.DataFrame], x: str, y: str, title: str,
 
 def risk_coverage_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore], note: str = "",
                          **kw) -> go.Figure:
-    """Selective risk (1 - Dice of kept cases) against coverage, with the oracle's curve."""
+    """Selective risk (1 - Dice of kept cases) against coverage, with the oracle's curve: the
+    curves whose areas are the AURC (tied scores leave in one step)."""
     test = ev.scored_rows(cases)
     curves = {s.label: ev.risk_coverage_curve(test, s, **kw) for s in scores}
-    first = next(iter(curves.values()))
-    oracle = go.Scatter(x=first["coverage"], y=first["oracle_risk"], mode="lines",
+    best = ev.risk_coverage_curve(test, scores[0], oracle=True, **kw)
+    oracle = go.Scatter(x=best["coverage"], y=best["selective_risk"], mode="lines",
                         name="oracle (true Dice order)", line={"dash": "dot", "color": "black"})
     return _curve_figure(curves, "coverage", "selective_risk",
                          f"Risk-coverage, test cases of all folds{note}", "coverage",
