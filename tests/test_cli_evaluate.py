@@ -16,7 +16,7 @@ from wmhqc_lib.evaluation import evaluate_score
 ISSUE_KEYS = {"n_cases", "n_failed", "n_flagged", "n_true_positive", "precision", "recall",
               "paper_precision", "paper_recall", "mean_dice_before", "mean_dice_after",
               "median_dice_before", "median_dice_after", "pearson_r", "pearson_p", "spearman_r",
-              "mae", "failure_auroc", "aurc", "eaurc", "review_fraction",
+              "mae", "failure_auroc", "aurc", "eaurc", "norm_aurc", "review_fraction",
               "missed_failure_fraction"}
 
 
@@ -56,14 +56,21 @@ def test_plain_table_prints_the_issue_metrics(tmp_path, capsys):
     assert report["file"] == str(path) and report["threshold"] == 0.7
 
 
-def test_nan_is_null_and_mae_only_for_dice_scale(tmp_path, capsys):
+def test_nan_is_null_and_mae_follows_the_dice_scale(tmp_path, capsys):
     path = tmp_path / "cases.csv"
     write_cases(path)
-    code, out, _ = run(capsys, str(path), "--score", "dr_error", "--threshold", "-5")
+    code, out, _ = run(capsys, str(path), "--score", "dr_error", "--threshold", "-5",
+                       "--no-dice-scale")
     report = json.loads(out)
     assert code == 0 and report["n_flagged"] == 0
     assert report["precision"] is None and report["mae"] is None
     assert report["mean_dice_after"] == report["mean_dice_before"]
+    # the registry says dr_error predicts Dice: without a flag, mae is reported
+    code, out, _ = run(capsys, str(path), "--score", "dr_error", "--threshold", "-5")
+    report = json.loads(out)
+    assert code == 0 and report["dice_scale"] is True and report["mae"] > 0
+    code, out, _ = run(capsys, str(path), "--score", "mean_entropy_lesion", "--threshold", "0.3")
+    assert json.loads(out)["mae"] is None  # not a Dice-scale score in the registry
 
 
 def test_folds_add_per_fold_results_and_their_mean_and_median(tmp_path, capsys):
@@ -102,11 +109,62 @@ def test_select_threshold_reports_each_folds_choice(tmp_path, capsys, rule):
     assert report["quality_threshold"] == 0.7 and report["mae"] is not None
 
 
-def test_direction_mismatch_with_the_registry_is_noted(tmp_path, capsys):
+def test_registered_score_takes_its_direction_from_the_registry(tmp_path, capsys):
     path = tmp_path / "cases.csv"
     write_cases(path)
-    code, _, err = run(capsys, str(path), "--score", "mean_entropy_lesion", "--threshold", "0.3")
-    assert code == 0 and "lower-is-better" in err
+    args = (str(path), "--score", "mean_entropy_lesion", "--select-threshold", "f1")
+    code, plain, err = run(capsys, *args)
+    assert code == 0 and err == ""
+    code, explicit, err = run(capsys, *args, "--lower-is-better")
+    assert code == 0 and err == ""
+    plain, explicit = json.loads(plain), json.loads(explicit)
+    assert plain["higher_is_better"] is False
+    assert plain == explicit
+    # entropy tracks 1 - Dice here, so read the right way round it ranks failures well
+    assert plain["failure_auroc"] > 0.7 and plain["norm_aurc"] > 0.2
+
+
+def test_an_explicit_direction_wins_over_the_registry_with_a_note(tmp_path, capsys):
+    path = tmp_path / "cases.csv"
+    write_cases(path)
+    args = (str(path), "--score", "mean_entropy_lesion", "--threshold", "0.3")
+    _, registry, _ = run(capsys, *args)
+    code, flipped, err = run(capsys, *args, "--higher-is-better")
+    assert code == 0 and "declares 'mean_entropy_lesion' lower-is-better" in err
+    registry, flipped = json.loads(registry), json.loads(flipped)
+    assert flipped["higher_is_better"] is True
+    assert flipped["failure_auroc"] == pytest.approx(1 - registry["failure_auroc"])
+    assert flipped["n_flagged"] + registry["n_flagged"] == registry["n_cases"]
+
+
+def test_an_unknown_column_must_state_its_direction(tmp_path, capsys):
+    path = tmp_path / "cases.csv"
+    table = write_cases(path).rename(columns={"dr_error": "predicted_dice"})
+    table.to_csv(path, index=False)
+    code, out, err = run(capsys, str(path), "--score", "predicted_dice", "--threshold", "0.7")
+    assert code == 2 and out == ""
+    assert "'predicted_dice' is not a registered QC score" in err
+    assert "--higher-is-better or --lower-is-better" in err
+    code, out, _ = run(capsys, str(path), "--score", "predicted_dice", "--threshold", "0.7",
+                       "--higher-is-better")
+    report = json.loads(out)
+    assert code == 0 and report["higher_is_better"] is True and report["mae"] is None
+    want = evaluate_score(table[table["split"] == "test"], "predicted_dice", 0.7,
+                          higher_is_better=True)
+    assert {k: report[k] for k in ISSUE_KEYS - {"mae"}} == \
+        pytest.approx({k: want[k] for k in ISSUE_KEYS - {"mae"}})
+    code, out, _ = run(capsys, str(path), "--score", "predicted_dice", "--threshold", "0.7",
+                       "--higher-is-better", "--dice-scale")
+    assert code == 0 and json.loads(out)["mae"] > 0
+
+
+def test_direction_flags_exclude_each_other(tmp_path, capsys):
+    path = tmp_path / "cases.csv"
+    write_cases(path)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", str(path), "--score", "dr_error", "--threshold", "0.7",
+              "--higher-is-better", "--lower-is-better"])
+    assert info.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
 def _corrupt(table: pd.DataFrame, how: str) -> pd.DataFrame:

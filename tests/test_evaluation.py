@@ -68,43 +68,136 @@ def test_ranking_metrics_match_scipy_and_sklearn():
     assert m["mae"] == pytest.approx(np.mean(np.abs(s - d)))
 
 
-def test_aurc_on_hand_examples():
+def _fd_shifts_aurc(confids: list[float], residuals: list[float]) -> float:
+    """A plain transcription of fd-shifts' ``selective_risk_stats`` + linear ``evaluate_auc``
+    (IML-DKFZ/fd-shifts, ``fd_shifts/analysis/rc_stats*.py``), loop by loop."""
+    n = len(residuals)
+    idx = sorted(range(n), key=lambda i: confids[i])  # ascending confidence
+    res = [residuals[i] for i in idx]
+    conf = [confids[i] for i in idx]
+    cov, error_sum = n, sum(res)
+    coverages, risks = [1.0], [error_sum / n]
+    for i in range(n - 1):
+        cov -= 1
+        error_sum -= res[i]
+        if conf[i] != conf[i + 1]:
+            coverages.append(cov / n)
+            risks.append(error_sum / cov)
+    coverages.append(0.0)
+    risks.append(risks[-1])
+    area = 0.0
+    for j in range(len(coverages) - 1):
+        area += (coverages[j] - coverages[j + 1]) * (risks[j] + risks[j + 1]) / 2
+    return area
+
+
+def _fd_shifts_optimal(residuals: list[float]) -> float:
+    """fd-shifts' ``aurc_optimal`` for non-binary residuals: sorted risks, distinct scores."""
+    n = len(residuals)
+    return _fd_shifts_aurc([1 - i / max(n - 1, 1) for i in range(n)], sorted(residuals))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 21, 60])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "all tied", "tied risks"])
+def test_aurc_matches_a_transcription_of_fd_shifts(seed, n, kind):
+    rng = np.random.default_rng([seed, n])
+    risk = rng.random(n)
+    conf = rng.random(n)
+    if kind == "ties":
+        conf = rng.integers(0, max(n // 3, 2), n).astype(float)
+    elif kind == "all tied":
+        conf = np.full(n, 0.4)
+    elif kind == "tied risks":
+        risk = rng.integers(0, 4, n) / 4
+    want = _fd_shifts_aurc(conf.tolist(), risk.tolist())
+    optimal = _fd_shifts_optimal(risk.tolist())
+    assert ev._aurc(risk, conf) == pytest.approx(want, abs=1e-12)
+    assert ev._oracle_aurc(risk) == pytest.approx(optimal, abs=1e-12)
+    aurc, eaurc, norm = ev._aurc_family(risk, conf)
+    assert eaurc == pytest.approx(want - optimal, abs=1e-12)
+    random = float(np.mean(risk))
+    if abs(random - optimal) > 1e-9:
+        assert norm == pytest.approx((random - want) / (random - optimal), abs=1e-9)
+    else:
+        assert math.isnan(norm)
+    # the batched form used by the bootstrap gives the same, row by row
+    batch = ev._aurc(np.vstack([risk, risk[::-1]]), np.vstack([conf, conf[::-1]]))
+    assert batch == pytest.approx([want, want], abs=1e-12)
+
+
+def test_aurc_on_a_hand_example():
     cases = pd.DataFrame({"true_dice": [0.9, 0.5, 0.7], "score": [3.0, 2.0, 1.0]})
     m = evaluate_score(cases, "score", 0.0, higher_is_better=True)
-    # risks in confidence order 0.1, 0.5, 0.3 -> selective risks 0.1, 0.3, 0.3
-    assert m["aurc"] == pytest.approx((0.1 + 0.3 + 0.3) / 3)
-    # oracle order 0.1, 0.3, 0.5 -> 0.1, 0.2, 0.3
-    assert m["eaurc"] == pytest.approx((0.1 + 0.3 + 0.3) / 3 - 0.2)
-    oracle = cases.assign(score=cases["true_dice"])
-    assert evaluate_score(oracle, "score", 0.0, higher_is_better=True)["eaurc"] == \
-        pytest.approx(0.0, abs=1e-12)
+    # risks in confidence order 0.1, 0.5, 0.3: selective risk 0.3 (all kept), 0.3 (two), 0.1
+    # (one), 0.1 at coverage 0; trapezoids of width 1/3: 0.1 + 0.2/3 + 0.1/3 = 0.2
+    assert m["aurc"] == pytest.approx(0.2)
+    # oracle 0.3, 0.2, 0.1, 0.1: 0.25/3 + 0.15/3 + 0.1/3 = 1/6
+    assert m["eaurc"] == pytest.approx(0.2 - 1 / 6)
+    assert m["norm_aurc"] == pytest.approx((0.3 - 0.2) / (0.3 - 1 / 6))  # random = mean risk
     curve = ev.risk_coverage_curve(cases, "score", higher_is_better=True)
-    assert curve["selective_risk"].tolist() == pytest.approx([0.1, 0.3, 0.3])
-    assert curve["oracle_risk"].tolist() == pytest.approx([0.1, 0.2, 0.3])
-    assert curve["coverage"].tolist() == pytest.approx([1 / 3, 2 / 3, 1])
+    assert curve["coverage"].tolist() == pytest.approx([1, 2 / 3, 1 / 3, 0])
+    assert curve["n_kept"].tolist() == [3, 2, 1, 0]
+    assert curve["selective_risk"].tolist() == pytest.approx([0.3, 0.3, 0.1, 0.1])
+    assert -np.trapezoid(curve["selective_risk"], curve["coverage"]) == pytest.approx(m["aurc"])
+    best = ev.risk_coverage_curve(cases, "score", higher_is_better=True, oracle=True)
+    assert best["selective_risk"].tolist() == pytest.approx([0.3, 0.2, 0.1, 0.1])
+    # a tie: the two most trusted cases leave in one step, so no point at coverage 1/3
+    tied = cases.assign(score=[1.0, 1.0, 0.0])
+    m = evaluate_score(tied, "score", 0.5, higher_is_better=True)
+    curve = ev.risk_coverage_curve(tied, "score", higher_is_better=True)
+    assert curve["coverage"].tolist() == pytest.approx([1, 2 / 3, 0])
+    assert m["aurc"] == pytest.approx(0.3) and m["norm_aurc"] == pytest.approx(0.0)
 
 
-def _aurc_over_tie_orders(dice: np.ndarray, score: np.ndarray) -> float:
-    """The mean AURC over every order of the cases that respects the score (brute force)."""
-    values = []
-    for perm in itertools.permutations(range(len(dice))):
-        s = score[list(perm)]
-        if np.all(np.diff(s) <= 0):  # descending confidence
-            risk = 1 - dice[list(perm)]
-            values.append(np.mean(np.cumsum(risk) / np.arange(1, len(risk) + 1)))
-    return float(np.mean(values))
+def test_eaurc_and_norm_aurc_against_the_oracle_and_random_orders():
+    rng = np.random.default_rng(3)
+    for n in (2, 5, 21, 80):
+        dice = rng.random(n)  # distinct Dice, distinct scores
+        oracle = pd.DataFrame({"true_dice": dice, "score": dice})
+        m = evaluate_score(oracle, "score", 0.5, higher_is_better=True)
+        assert m["eaurc"] == pytest.approx(0.0, abs=1e-12)
+        assert m["norm_aurc"] == pytest.approx(1.0)
+        worst = evaluate_score(oracle.assign(score=-dice), "score", 0.5, higher_is_better=True)
+        assert worst["norm_aurc"] < 0 < worst["eaurc"]
+        for _ in range(50):
+            m = evaluate_score(oracle.assign(score=rng.random(n)), "score", 0.5,
+                               higher_is_better=True)
+            assert m["eaurc"] >= -1e-12
+    # over every order of six distinct scores the mean normalised AURC is exactly 0:
+    # the mean risk is the expected AURC of a random order
+    dice = np.array([0.9, 0.2, 0.75, 0.6, 0.95, 0.4])
+    norms = [ev._aurc_family(1 - dice, np.array(p, dtype=float))[2]
+             for p in itertools.permutations(range(6))]
+    assert np.mean(norms) == pytest.approx(0.0, abs=1e-12)
+    assert np.std(norms) > 0.1
+    # and about 0 for random scores on larger tables
+    draws = [ev._aurc_family(1 - rng.random(40), rng.random(40))[2] for _ in range(400)]
+    assert abs(np.mean(draws)) < 0.06
+    flat = pd.DataFrame({"true_dice": [0.8] * 4, "score": [1.0, 2.0, 3.0, 4.0]})
+    assert math.isnan(evaluate_score(flat, "score", 0.5, higher_is_better=True)["norm_aurc"])
 
 
-def test_aurc_ties_are_the_mean_over_tie_orders_and_ignore_row_order():
-    dice = np.array([0.9, 0.5, 0.7, 0.2, 0.8])
-    score = np.array([1.0, 1.0, 0.0, 0.0, 0.0])
-    cases = pd.DataFrame({"true_dice": dice, "score": score})
-    aurc = evaluate_score(cases, "score", 0.5, higher_is_better=True)["aurc"]
-    assert aurc == pytest.approx(_aurc_over_tie_orders(dice, score))
+def test_ties_can_undercut_the_oracle_as_fd_shifts_warns():
+    """A tied step is a straight chord; the oracle's steps follow the curve case by case, so
+    a score with ties can come out below the oracle (negative e-AURC)."""
+    cases = pd.DataFrame({"true_dice": [0.0, 1.0, 0.0, 0.0, 0.0],
+                          "score": [0.0, 1.0, 0.0, 0.0, 0.0]})
+    m = evaluate_score(cases, "score", 0.5, higher_is_better=True)
+    assert m["aurc"] == pytest.approx(0.8 * 0.8 / 2)
+    assert m["eaurc"] < 0
+
+
+def test_aurc_ignores_row_order_with_ties():
+    rng = np.random.default_rng(4)
+    dice = rng.random(30)
+    cases = pd.DataFrame({"true_dice": dice, "score": np.round(dice + rng.normal(0, .2, 30), 1)})
+    want = evaluate_score(cases, "score", 0.5, higher_is_better=True)
     for seed in range(5):
         shuffled = cases.sample(frac=1.0, random_state=seed)
-        assert evaluate_score(shuffled, "score", 0.5, higher_is_better=True)["aurc"] == \
-            pytest.approx(aurc, abs=1e-15)
+        got = evaluate_score(shuffled, "score", 0.5, higher_is_better=True)
+        for name in ("aurc", "eaurc", "norm_aurc"):
+            assert got[name] == pytest.approx(want[name], abs=1e-12)
 
 
 def test_empty_denominators_are_nan_never_zero_or_one():
@@ -176,7 +269,11 @@ def test_failure_roc_and_workload_curves():
         assert at["review_fraction"] == pytest.approx(row["review_fraction"])
         assert at["missed_failure_fraction"] == pytest.approx(row["missed_failure_fraction"])
     curve = ev.risk_coverage_curve(test, "dr_error")
-    assert curve["selective_risk"].mean() == pytest.approx(m["aurc"])
+    assert -np.trapezoid(curve["selective_risk"], curve["coverage"]) == pytest.approx(m["aurc"])
+    assert curve["coverage"].is_monotonic_decreasing
+    best = ev.risk_coverage_curve(test, "dr_error", oracle=True)
+    assert -np.trapezoid(best["selective_risk"], best["coverage"]) == \
+        pytest.approx(m["aurc"] - m["eaurc"])
 
 
 def _brute_force_threshold(d: np.ndarray, s: np.ndarray, rule: str) -> float:
@@ -383,9 +480,11 @@ def test_bootstrap_replicates_equal_sklearn_and_scipy():
         want_auc = math.nan if one_class else roc_auc_score(dd < 0.75, -ss)
         assert row[0] == pytest.approx(want_auc, nan_ok=True)
         table = pd.DataFrame({"true_dice": dd, "s": ss})
-        assert row[1] == pytest.approx(evaluate_score(table, "s", 0.5,
-                                                      higher_is_better=True)["aurc"])
+        m = evaluate_score(table, "s", 0.5, higher_is_better=True)
+        assert list(ev.BOOTSTRAP_METRICS) == ["failure_auroc", "aurc", "eaurc", "norm_aurc",
+                                              "pearson_r"]
+        assert row[1:4] == pytest.approx([m["aurc"], m["eaurc"], m["norm_aurc"]], nan_ok=True)
         if np.ptp(ss) > 0:
-            assert row[2] == pytest.approx(stats.pearsonr(ss, dd).statistic)
+            assert row[4] == pytest.approx(stats.pearsonr(ss, dd).statistic)
         else:
-            assert math.isnan(row[2])
+            assert math.isnan(row[4])

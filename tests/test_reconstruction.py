@@ -246,3 +246,19 @@ print("jax ok", first, last)
 
 def test_rec_unet_and_regressor_run_on_jax():
     assert "jax ok" in run_on_jax(JAX_SCRIPT)
+
+
+def test_error_by_region_reports_the_sign_inside_the_hole():
+    brain = np.zeros((4, 4, 4), bool)
+    brain[1:3, 1:3, 1:3] = True
+    error = np.where(brain, 0.1, 5.0)  # outside the brain must not count
+    pred = np.zeros((4, 4, 4), bool)
+    pred[1, 1, 1:3] = True
+    pred[0, 0, 0] = True  # a predicted voxel outside the brain is ignored
+    error[1, 1, 1], error[1, 1, 2] = -0.6, -0.2  # the hole filled too dark
+    got = rc.error_by_region(error, pred, brain)
+    assert got["mean_error_predicted"] == pytest.approx(-0.4)
+    assert got["mean_error_rest_of_brain"] == pytest.approx(0.1)
+    assert (got["n_predicted"], got["n_rest_of_brain"]) == (2, 6)
+    empty = rc.error_by_region(error, np.zeros_like(pred), brain)
+    assert np.isnan(empty["mean_error_predicted"]) and empty["n_rest_of_brain"] == 8

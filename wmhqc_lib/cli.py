@@ -128,20 +128,27 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate one score; a score the registry knows keeps its direction and Dice scale unless
+    a flag says otherwise, so forgetting ``--lower-is-better`` cannot invert entropy."""
     import json
 
     from . import evaluation
 
     cases = evaluation.read_cases(args.cases)
     known = [s for s in evaluation.QC_SCORES if s.column == args.score]
-    if known and known[0].higher_is_better == args.lower_is_better:
+    if not known and args.higher_is_better is None:
+        raise ValueError(f"score {args.score!r} is not a registered QC score "
+                         f"({', '.join(s.column for s in evaluation.QC_SCORES)}): say its "
+                         "direction with --higher-is-better or --lower-is-better")
+    if known and args.higher_is_better is not None \
+            and known[0].higher_is_better != args.higher_is_better:
         word = "higher" if known[0].higher_is_better else "lower"
         print(f"wmhqc: note: QC_SCORES declares {args.score!r} {word}-is-better; evaluating "
-              f"as {'lower' if args.lower_is_better else 'higher'}-is-better as asked",
+              f"as {'higher' if args.higher_is_better else 'lower'}-is-better as asked",
               file=sys.stderr)
     result = evaluation.evaluate_folds(
         cases, args.score, threshold=args.threshold, select=args.select_threshold,
-        higher_is_better=not args.lower_is_better, dice_scale=args.dice_scale,
+        higher_is_better=args.higher_is_better, dice_scale=args.dice_scale,
         quality_threshold=args.quality_threshold, dice_column=args.dice_column)
     report = {"file": str(args.cases), **result.to_dict()}
     print(json.dumps(report, indent=2, allow_nan=False))
@@ -271,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "object. Positive class = failed case (Dice < quality "
                                    "threshold); paper_* = the authors' swapped convention. "
                                    "With a split column only test rows are scored; with a "
-                                   "fold column per-fold results are added.")
+                                   "fold column per-fold results are added. A score "
+                                   "registered in QC_SCORES (e.g. mean_entropy_lesion) takes "
+                                   "its direction and Dice scale from the registry unless a "
+                                   "flag overrides them; any other column must say "
+                                   "--higher-is-better or --lower-is-better (it is not "
+                                   "guessed) and has no Dice scale unless --dice-scale.")
     p.add_argument("cases", type=Path, help="per-case CSV: a true Dice column and the score; "
                                              "optional fold and split (train/val/test)")
     p.add_argument("--score", required=True, help="the score column")
@@ -281,10 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--select-threshold", default=None, metavar="{f1,youden,recall:R}",
                      help="choose each fold's threshold on its val rows, apply it to its test "
                           "rows (needs a split column)")
-    p.add_argument("--lower-is-better", action="store_true",
-                   help="a lower score means better quality (e.g. entropy)")
-    p.add_argument("--dice-scale", action="store_true",
-                   help="the score predicts Dice: also report mae")
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument("--higher-is-better", dest="higher_is_better", action="store_const",
+                           const=True, default=None,
+                           help="a higher score means better quality (e.g. predicted Dice)")
+    direction.add_argument("--lower-is-better", dest="higher_is_better", action="store_const",
+                           const=False,
+                           help="a lower score means better quality (e.g. entropy)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--dice-scale", dest="dice_scale", action="store_const", const=True,
+                       default=None, help="the score predicts Dice: also report mae")
+    scale.add_argument("--no-dice-scale", dest="dice_scale", action="store_const", const=False,
+                       help="the score does not predict Dice: no mae")
     p.add_argument("--quality-threshold", type=float, default=0.75,
                    help="a case fails when its Dice is below this (default 0.75)")
     p.add_argument("--dice-column", default="true_dice", help="default: true_dice")

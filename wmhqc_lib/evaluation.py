@@ -4,7 +4,10 @@ The paper's contribution is its evaluation framework, and the authors' code got 
 wrong (REFERENCE.md section 2): precision and recall were swapped, the median Dice of kept cases
 was reported as "Dice after filtering", and thresholds were tuned by eye on the test folds. This
 module fixes all three, keeps the paper's convention available under clearly labelled names, and
-adds what the field measures today (AURC, e-AURC, failure AUROC, bootstrap intervals).
+adds what the field measures today (AURC, e-AURC, normalised AURC, failure AUROC, bootstrap
+intervals). AURC follows fd-shifts (IML-DKFZ), which the segmentation failure-detection
+benchmark of Zenk et al. 2025 builds on: risk = 1 - Dice, a risk-coverage curve from full
+coverage down with tied scores leaving in one step, trapezoid area over coverage [0, 1].
 
 Conventions, used everywhere below:
 
@@ -50,14 +53,14 @@ METRIC_NAMES: tuple[str, ...] = (
     "precision", "recall", "paper_precision", "paper_recall",
     "mean_dice_before", "mean_dice_after", "median_dice_before", "median_dice_after",
     "pearson_r", "pearson_p", "spearman_r", "mae",
-    "failure_auroc", "aurc", "eaurc",
+    "failure_auroc", "aurc", "eaurc", "norm_aurc",
     "review_fraction", "missed_failure_fraction",
 )
-BOOTSTRAP_METRICS = ("failure_auroc", "aurc", "pearson_r")
+BOOTSTRAP_METRICS = ("failure_auroc", "aurc", "eaurc", "norm_aurc", "pearson_r")
 TABLE1_METRICS: tuple[str, ...] = (
     "pearson_r", "mean_dice_before", "mean_dice_after", "median_dice_after",
     "precision", "recall", "paper_precision", "paper_recall",
-    "n_flagged", "n_true_positive", "mae", "failure_auroc", "aurc", "eaurc",
+    "n_flagged", "n_true_positive", "mae", "failure_auroc", "aurc", "eaurc", "norm_aurc",
 )
 
 
@@ -302,26 +305,80 @@ def _quiet(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
 
-def _aurc(risk: np.ndarray, confidence: np.ndarray) -> float:
-    """Mean selective risk over k = 1..n, cases taken from most to least confident.
+def _curve_area(selective: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Trapezoid area under a risk-coverage curve given per kept count ``k = 1..n``.
 
-    Ties in confidence: every case of a tied group carries the group's mean risk, which is the
-    expected AURC over all orders of the tied cases. The result does not depend on row order.
+    ``selective[..., k-1]`` is the selective risk of the ``k`` most confident cases and
+    ``point[..., k-1]`` says whether the curve has a point there (``k = n`` always does). The
+    curve is closed by a flat segment from the smallest point down to coverage 0, as fd-shifts
+    does. Works on the last axis, so a batch of bootstrap resamples is one call.
     """
-    return float(np.mean(_selective_risk(risk, confidence)))
+    n = selective.shape[-1]
+    k = np.arange(1, n + 1)
+    at = np.where(point, k, 0)
+    # the kept count of the next point below k (0 = the flat end at coverage 0)
+    below = np.concatenate([np.zeros(at.shape[:-1] + (1,), dtype=at.dtype),
+                            np.maximum.accumulate(at, axis=-1)[..., :-1]], axis=-1)
+    below_risk = np.take_along_axis(selective, np.maximum(below - 1, 0), axis=-1)
+    below_risk = np.where(below > 0, below_risk, selective)
+    return np.sum(np.where(point, (k - below) / n * (selective + below_risk) / 2, 0.0),
+                  axis=-1)
 
 
-def _selective_risk(risk: np.ndarray, confidence: np.ndarray) -> np.ndarray:
-    order = np.argsort(-confidence, kind="stable")
-    conf, r = -confidence[order], risk[order]
-    _, starts, counts = np.unique(conf, return_index=True, return_counts=True)
-    r = np.repeat(np.add.reduceat(r, starts) / counts, counts)
-    return np.cumsum(r) / np.arange(1, len(r) + 1)
+def _selective_points(risk: np.ndarray, confidence: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Selective risk of the ``k`` most confident cases (k = 1..n) and where the curve has a
+    point: only after a whole group of tied confidences, so the order of tied rows is moot."""
+    order = np.argsort(-confidence, axis=-1, kind="stable")
+    r = np.take_along_axis(risk, order, axis=-1)
+    c = np.take_along_axis(confidence, order, axis=-1)
+    selective = np.cumsum(r, axis=-1) / np.arange(1, r.shape[-1] + 1)
+    point = np.ones(r.shape, dtype=bool)
+    point[..., :-1] = c[..., :-1] != c[..., 1:]
+    return selective, point
 
 
-def _oracle_selective_risk(risk: np.ndarray) -> np.ndarray:
-    r = np.sort(risk)
-    return np.cumsum(r) / np.arange(1, len(r) + 1)
+def _aurc(risk: np.ndarray, confidence: np.ndarray) -> np.ndarray | float:
+    """AURC as fd-shifts (``RiskCoverageStats.aurc``, IML-DKFZ) computes it.
+
+    The curve runs from full coverage downwards; cases leave least confident first, a tied
+    group of confidences leaves in one step (one curve point after the whole group), and a last
+    point at coverage 0 repeats the final risk. AURC is the trapezoid area over coverage [0, 1],
+    not rescaled. Last axis = cases; a 2-D input gives one AURC per row.
+    """
+    value = _curve_area(*_selective_points(risk, confidence))
+    return float(value) if np.ndim(value) == 0 else value
+
+
+def _oracle_aurc(risk: np.ndarray) -> np.ndarray | float:
+    """AURC of the ideal ordering (by true risk), every case its own step as fd-shifts does
+    (distinct confidences), whatever ties the risks have."""
+    r = np.sort(risk, axis=-1)
+    selective = np.cumsum(r, axis=-1) / np.arange(1, r.shape[-1] + 1)
+    value = _curve_area(selective, np.ones(r.shape, dtype=bool))
+    return float(value) if np.ndim(value) == 0 else value
+
+
+def _norm_aurc(aurc: np.ndarray | float, random: np.ndarray | float,
+               optimal: np.ndarray | float) -> np.ndarray | float:
+    """(random - AURC) / (random - optimal): 1 = the oracle's order, 0 = a random order on
+    average; NaN when all risks are equal (random == optimal, nothing to order)."""
+    aurc, random, optimal = (np.asarray(v, dtype=float) for v in (aurc, random, optimal))
+    span = random - optimal
+    undefined = np.abs(span) <= 1e-12 * np.maximum(1.0, np.abs(random))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = np.where(undefined, math.nan, (random - aurc) / np.where(undefined, 1.0, span))
+    return float(value) if value.ndim == 0 else value
+
+
+def _aurc_family(risk: np.ndarray, confidence: np.ndarray
+                 ) -> tuple[np.ndarray | float, np.ndarray | float, np.ndarray | float]:
+    """AURC, e-AURC (minus the oracle's) and normalised AURC (random = mean risk: the expected
+    AURC of a random order) over the last axis."""
+    aurc = _aurc(risk, confidence)
+    optimal = _oracle_aurc(risk)
+    random = np.mean(risk, axis=-1)
+    return aurc, aurc - optimal, _norm_aurc(aurc, random, optimal)
 
 
 def _auroc(failed: np.ndarray, badness: np.ndarray) -> float:
@@ -337,13 +394,13 @@ def _ranking_metrics(dice: np.ndarray, score: np.ndarray, spec: QCScore,
     risk = 1.0 - dice
     pearson = _quiet(stats.pearsonr, score, dice)
     spearman = _quiet(stats.spearmanr, score, dice)
-    aurc = _aurc(risk, good)
+    aurc, eaurc, norm_aurc = _aurc_family(risk, good)
     return {
         "pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
         "spearman_r": float(spearman.statistic),
         "mae": float(np.mean(np.abs(score - dice))) if spec.dice_scale else math.nan,
         "failure_auroc": _auroc(dice < quality_threshold, -good),
-        "aurc": aurc, "eaurc": aurc - float(np.mean(_oracle_selective_risk(risk))),
+        "aurc": float(aurc), "eaurc": float(eaurc), "norm_aurc": float(norm_aurc),
     }
 
 
@@ -412,20 +469,31 @@ def evaluate_score(cases: pd.DataFrame, score: str | QCScore, threshold: float, 
 
 
 def risk_coverage_curve(cases: pd.DataFrame, score: str | QCScore, *,
-                        higher_is_better: bool | None = None,
+                        higher_is_better: bool | None = None, oracle: bool = False,
                         dice_column: str = DICE_COLUMN) -> pd.DataFrame:
-    """Selective risk (mean 1 - Dice of the kept cases) against coverage, and the oracle's.
+    """The risk-coverage curve whose trapezoid area is the AURC (fd-shifts' curve).
 
-    Cases are kept from most to least confident; tied scores share their group's mean risk
-    (see :func:`evaluate_score`'s ``aurc``). The mean of ``selective_risk`` is the AURC.
+    Rows run from full coverage down to 0: ``coverage`` (share of cases kept), ``n_kept``,
+    ``selective_risk`` (mean 1 - Dice of the kept cases). Cases leave least confident first; a
+    group of tied scores leaves in one step, so the curve has a point only where the score
+    changes; the last row (coverage 0) repeats the final risk. ``-np.trapezoid(selective_risk,
+    coverage)`` is :func:`evaluate_score`'s ``aurc``. ``oracle=True``: the curve of the ideal
+    ordering (by true Dice, one case per step), whose area is ``aurc - eaurc``.
     """
     spec = resolve_score(score, higher_is_better, None)
     dice, values = _arrays(cases, spec, dice_column, QUALITY_THRESHOLD)
-    good = values if spec.higher_is_better else -values
-    n = len(dice)
-    return pd.DataFrame({"coverage": np.arange(1, n + 1) / n,
-                         "selective_risk": _selective_risk(1.0 - dice, good),
-                         "oracle_risk": _oracle_selective_risk(1.0 - dice)})
+    risk = 1.0 - dice
+    if oracle:
+        risk = np.sort(risk)
+        selective = np.cumsum(risk) / np.arange(1, len(risk) + 1)
+        point = np.ones(len(risk), dtype=bool)
+    else:
+        selective, point = _selective_points(risk, values if spec.higher_is_better else -values)
+    n_kept = np.flatnonzero(point)[::-1] + 1
+    return pd.DataFrame({"coverage": np.append(n_kept / len(risk), 0.0),
+                         "n_kept": np.append(n_kept, 0),
+                         "selective_risk": np.append(selective[n_kept - 1],
+                                                     selective[n_kept[-1] - 1])})
 
 
 def failure_roc_curve(cases: pd.DataFrame, score: str | QCScore, *,
@@ -734,7 +802,7 @@ def bootstrap_intervals(cases: pd.DataFrame, score: str | QCScore, *, n_boot: in
                         higher_is_better: bool | None = None,
                         quality_threshold: float = QUALITY_THRESHOLD,
                         dice_column: str = DICE_COLUMN) -> pd.DataFrame:
-    """Percentile bootstrap intervals over cases for failure AUROC, AURC and Pearson r.
+    """Percentile bootstrap intervals over cases for :data:`BOOTSTRAP_METRICS`.
 
     Cases are resampled with replacement ``n_boot`` times (seeded). Resamples where a metric is
     undefined (one class for AUROC, constant input for r) are left out; ``n_valid`` says how
@@ -761,7 +829,7 @@ def bootstrap_intervals(cases: pd.DataFrame, score: str | QCScore, *, n_boot: in
 
 def _resampled_metrics(dice: np.ndarray, score: np.ndarray, higher_is_better: bool,
                        quality_threshold: float, idx: np.ndarray) -> np.ndarray:
-    """Failure AUROC, AURC and Pearson r of each resample (one row of ``idx`` each).
+    """:data:`BOOTSTRAP_METRICS` of each resample (one row of ``idx`` each), in that order.
 
     Vectorised equivalents of scikit-learn's AUROC (the Mann-Whitney form, ties counted
     half) and scipy's Pearson r, so a thousand resamples take well under a second; NaN where
@@ -780,8 +848,8 @@ def _resampled_metrics(dice: np.ndarray, score: np.ndarray, higher_is_better: bo
         r = (sc * dc).sum(axis=1) / np.sqrt((sc**2).sum(axis=1) * (dc**2).sum(axis=1))
     auroc[(n_pos == 0) | (n_neg == 0)] = math.nan
     r[(np.ptp(s, axis=1) == 0) | (np.ptp(d, axis=1) == 0)] = math.nan  # scipy: constant input
-    aurc = np.array([_aurc(1.0 - d[b], good[b]) for b in range(len(idx))])
-    return np.column_stack([auroc, aurc, np.clip(r, -1.0, 1.0)])
+    aurc, eaurc, norm_aurc = _aurc_family(1.0 - d, good)
+    return np.column_stack([auroc, aurc, eaurc, norm_aurc, np.clip(r, -1.0, 1.0)])
 
 
 def quality_threshold_sensitivity(cases: pd.DataFrame, score: str | QCScore, *,

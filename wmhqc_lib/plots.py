@@ -127,15 +127,23 @@ def score_scatter(table: pd.DataFrame, score: str, label: str, title: str,
     return fig
 
 
+def diverging_limit(data: np.ndarray) -> float:
+    """Symmetric colour limit of a signed map: the 99th percentile of its non-zero magnitudes,
+    so a few extreme voxels do not wash out the rest, and 0 stays the colour map's centre."""
+    magnitude = np.abs(data[np.isfinite(data) & (data != 0)])
+    return max(float(np.percentile(magnitude, 99)), 1e-6) if magnitude.size else 1.0
+
+
 def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                                                     nib.Nifti1Image | None, str]]],
                     cut_axis: str = "z", title: str = "") -> plt.Figure:
     """A grid of single-slice panels: one row per case, one column per map.
 
     Each panel is ``(title, background, overlay or contour mask, kind)`` with kind ``anat``
-    (background only), ``contour`` (red outline of the mask) or ``heat`` (the overlay as a
-    colour map over the background). All panels of a row cut through the same slice: the centre
-    of the row's first mask.
+    (background only), ``contour`` (red outline of the mask), ``heat`` (a non-negative overlay
+    as a colour map over the background) or ``diverging`` (a signed overlay: red above 0, blue
+    below, limits symmetric about 0 so both signs read on one scale). All panels of a row cut
+    through the same slice: the centre of the row's first mask.
     """
     n_rows = len(rows)
     n_cols = max(len(v) for v in rows.values())
@@ -150,7 +158,7 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                           None)
         coords = _cut_coords(first_mask, panels[0][1])
         cut = coords["xyz".index(cut_axis)]
-        for c, (title, background, overlay, kind) in enumerate(panels):
+        for c, (panel_title, background, overlay, kind) in enumerate(panels):
             ax = axes[r, c]
             display = plotting.plot_anat(background, axes=ax, display_mode=cut_axis,
                                          cut_coords=[cut], annotate=False, draw_cross=False,
@@ -162,7 +170,11 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                 vmax = float(np.percentile(data[data > 0], 99)) if np.any(data > 0) else 1.0
                 display.add_overlay(overlay, cmap="hot", vmin=0.0, vmax=max(vmax, 1e-6),
                                     threshold=vmax * 0.05)
-            ax.set_title(title if r == 0 else "", fontsize=9, color="white")
+            elif kind == "diverging" and overlay is not None:
+                vmax = diverging_limit(np.asarray(overlay.dataobj, dtype=np.float32))
+                display.add_overlay(overlay, cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                                    threshold=vmax * 0.05)
+            ax.set_title(panel_title if r == 0 else "", fontsize=9, color="white")
             if c == 0:
                 ax.text(-0.03, 0.5, name, transform=ax.transAxes, rotation=90,
                         va="center", ha="right", fontsize=7, color="white")

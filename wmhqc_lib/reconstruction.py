@@ -1,9 +1,23 @@
 """Reconstruction U-net: inpainting the lesion region of FLAIR, and the error maps QC reads.
 
 The network sees a case's FLAIR with a region set to zero and is trained to give back the
-original FLAIR. Where the zeroed region held lesions, a network that has learnt normal tissue
-fills it in darker than the lesion was, so the error (reconstruction - original) is negative
-there: the paper's error map, summed into one QC score per case (error VS).
+original FLAIR. In training the zeroed region is the ground-truth lesion mask and the target is
+the original FLAIR, lesions included: the network is trained to restore the original
+intensities, lesion intensities too, inside the hole (every hole it saw in training was a
+lesion). The error is reconstruction - original inside the brain; at QC time the *predicted*
+mask is zeroed, and for a network that has learnt this task:
+
+* a correctly predicted lesion is filled with lesion-like intensity: error near 0;
+* a false-positive region (predicted lesion on normal tissue) is filled as if a lesion were
+  there, brighter than the tissue it hides: error positive;
+* a missed lesion is not zeroed, stays in the input and is passed through: error near 0, so a
+  missed lesion is invisible to the error map whatever its size.
+
+A network that has not learnt the fill leaves the hole too dark: the error is then negative
+across the whole predicted region, true and false positives alike, and says only where the hole
+was. :func:`error_by_region` measures which of these a run shows (the reconstruction chapter
+prints it next to Figure 2). The signed sum over the brain is the paper's error VS, one QC score
+per case; it also sums any brain-wide bias of the reconstruction.
 
 Two paths, kept apart on purpose:
 
@@ -34,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -259,6 +274,20 @@ def error_scores(maps: ErrorMaps, image: QCImage, prediction: np.ndarray,
         "rec_ssim": volume_ssim(maps.reconstruction, image.flair, section),
         "rec_mae": float(maps.abs_error[brain].mean()) if brain.any() else 0.0,
     }
+
+
+def error_by_region(error: np.ndarray, prediction: np.ndarray, brain: np.ndarray
+                    ) -> dict[str, float]:
+    """Mean signed error inside the predicted (zeroed) region and in the rest of the brain, and
+    their voxel counts: the sign inside says whether the network fills a hole brighter or
+    darker than what was there (NaN where a region is empty)."""
+    brain = np.asarray(brain) > 0
+    pred = (np.asarray(prediction) > 0) & brain
+    rest = brain & ~pred
+    err = np.asarray(error, dtype=np.float64)
+    return {"mean_error_predicted": float(err[pred].mean()) if pred.any() else math.nan,
+            "mean_error_rest_of_brain": float(err[rest].mean()) if rest.any() else math.nan,
+            "n_predicted": int(pred.sum()), "n_rest_of_brain": int(rest.sum())}
 
 
 def save_error_maps(maps: ErrorMaps, path: Path) -> None:

@@ -62,7 +62,7 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
                   seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
                   dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
     """Threshold-free ranking metrics on all test rows pooled over folds, with bootstrap 95 %
-    intervals (over cases) for failure AUROC, AURC and Pearson r."""
+    intervals (over cases) for :data:`~wmhqc_lib.evaluation.BOOTSTRAP_METRICS`."""
     test = ev.scored_rows(cases)
     rows = []
     for spec in scores:
@@ -76,6 +76,7 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
         sign = 1.0 if spec.higher_is_better else -1.0
         row = {"score": spec.label, "failure_auroc": metrics["failure_auroc"],
                "aurc": metrics["aurc"], "eaurc": metrics["eaurc"],
+               "norm_aurc": metrics["norm_aurc"],
                "spearman_r": metrics["spearman_r"], "pearson_r": metrics["pearson_r"],
                # rank agreement with Dice in the score's own direction (+1 = perfect)
                "spearman_oriented": sign * metrics["spearman_r"]}
@@ -86,19 +87,82 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
     return pd.DataFrame(rows).set_index("score")
 
 
+def choose_score(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
+                 dice_column: str = ev.DICE_COLUMN) -> tuple[ev.QCScore, pd.DataFrame]:
+    """The score carried into the single-score tables, chosen without any test row.
+
+    Rule, the same for every score: pool the validation rows (``split == "val"``) of all folds
+    and take the lowest AURC there. Baselines are not eligible (they are what a method must
+    beat); equal AURCs go to the score listed first in ``scores``. Only validation rows are
+    read, so nothing about the test rows, garbage included, can change the choice. Returns the
+    chosen spec and a table of each candidate's validation AURC, e-AURC and normalised AURC.
+    """
+    if "split" not in cases.columns:
+        raise ValueError("choosing a score needs a 'split' column with val rows")
+    val = cases[cases["split"].astype(str) == "val"]
+    candidates = [s for s in scores if not s.baseline]
+    if not candidates:
+        raise ValueError("no eligible score: every score given is a baseline")
+    rows = []
+    for position, spec in enumerate(candidates):
+        # the threshold does not enter AURC, e-AURC or normalised AURC
+        m = ev.evaluate_score(val, spec, threshold=0.0, dice_column=dice_column)
+        rows.append({"score": spec.label, "name": spec.name, "n_val_rows": len(val),
+                     "aurc_val": m["aurc"], "eaurc_val": m["eaurc"],
+                     "norm_aurc_val": m["norm_aurc"], "_order": position})
+    table = pd.DataFrame(rows).sort_values(["aurc_val", "_order"], kind="stable")
+    chosen = candidates[int(table["_order"].iloc[0])]
+    table["chosen"] = table["name"] == chosen.name
+    return chosen, table.drop(columns="_order").set_index("score")
+
+
+def _overlapping(ranking: pd.DataFrame, metric: str, best: str) -> list[str] | None:
+    """Scores whose bootstrap interval of ``metric`` overlaps the best score's; None when the
+    ranking has no interval for it."""
+    low, high = f"{metric}_low", f"{metric}_high"
+    if low not in ranking or high not in ranking:
+        return None
+    lo, hi = ranking.loc[best, low], ranking.loc[best, high]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None
+    others = ranking.drop(index=best)
+    overlap = (others[low] <= hi) & (others[high] >= lo)
+    return list(others.index[overlap.fillna(False).to_numpy(dtype=bool)])
+
+
 def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """Which score is best on each metric (computed, not typed): lowest AURC / e-AURC, highest
-    failure AUROC and Spearman in the score's direction; in the Table 1 form, highest recall
-    and precision, highest median Dice after filtering, fewest cases sent to review."""
+    """Which score is best on each metric (computed, not typed), and whether it really is.
+
+    On the test rows pooled over folds: lowest AURC / e-AURC, highest normalised AURC, failure
+    AUROC and Spearman in the score's direction. Where :func:`ranking_table` has a bootstrap
+    95 % interval, the pick shows it, ``tied with`` lists every score whose interval overlaps
+    the pick's, and the verdict says "tie" when any does: a point estimate alone would crown a
+    winner the cases cannot tell apart. In the Table 1 form (means over folds, no interval):
+    highest recall and precision, highest median Dice after filtering, fewest cases reviewed.
+    """
     picks = []
-    for metric, best in (("aurc", "min"), ("eaurc", "min"), ("failure_auroc", "max"),
-                         ("spearman_oriented", "max")):
+    for metric, best in (("aurc", "min"), ("eaurc", "min"), ("norm_aurc", "max"),
+                         ("failure_auroc", "max"), ("spearman_oriented", "max")):
+        if metric not in ranking:
+            continue
         col = ranking[metric].dropna()
-        if len(col):
-            name = col.idxmin() if best == "min" else col.idxmax()
-            picks.append({"metric": metric, "basis": "test cases pooled over folds",
-                          "best score": name, "value": float(col[name])})
-    means = table.xs("mean", axis=1, level="across folds")
+        if not len(col):
+            continue
+        name = col.idxmin() if best == "min" else col.idxmax()
+        tied = _overlapping(ranking, metric, name)
+        low = float(ranking.loc[name, f"{metric}_low"]) if tied is not None else np.nan
+        high = float(ranking.loc[name, f"{metric}_high"]) if tied is not None else np.nan
+        if tied is None:
+            verdict = f"{name} (point estimate; no interval)"
+        elif tied:
+            verdict = f"tie: {name} with {', '.join(tied)} (overlapping 95 % intervals)"
+        else:
+            verdict = f"{name} (its 95 % interval overlaps no other score's)"
+        picks.append({"metric": metric, "basis": "test cases pooled over folds",
+                      "best score": name, "value": float(col[name]), "low": low, "high": high,
+                      "tied with": ", ".join(tied or []), "verdict": verdict})
+    has_means = "mean" in table.columns.get_level_values("across folds")
+    means = table.xs("mean", axis=1, level="across folds") if has_means else pd.DataFrame()
     for metric, best in (("recall", "max"), ("precision", "max"),
                          ("median_dice_after", "max"), ("review_fraction", "min")):
         if metric in means.index:
@@ -106,8 +170,51 @@ def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
             if len(row):
                 name = row.idxmin() if best == "min" else row.idxmax()
                 picks.append({"metric": metric, "basis": "mean over folds, val-chosen threshold",
-                              "best score": name, "value": float(row[name])})
+                              "best score": name, "value": float(row[name]), "low": np.nan,
+                              "high": np.nan, "tied with": "",
+                              "verdict": f"{name} (point estimate; no interval)"})
     return pd.DataFrame(picks)
+
+
+def dice_by_grid(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per fold, on test rows: median lesion Dice on the subject's native grid (``true_dice``)
+    and on the profile grid (``true_dice_grid``), and how many references are empty.
+
+    Shows what exists: a column the case tables lack (older runs) is left out, not invented.
+    """
+    test = ev.scored_rows(cases)
+    if "fold" not in test:
+        test = test.assign(fold="all")
+    out = pd.DataFrame(index=pd.Index(sorted(test["fold"].unique()), name="fold"))
+    groups = test.groupby("fold")
+    out["n_test"] = groups.size()
+    for column, label in (("true_dice", "median Dice, native grid"),
+                          ("true_dice_grid", "median Dice, profile grid")):
+        if column in test:
+            out[label] = groups[column].median()
+    if "true_dice" in test and "true_dice_grid" in test:
+        out["native - grid"] = out["median Dice, native grid"] - out["median Dice, profile grid"]
+    if "reference_empty" in test:
+        empty = test["reference_empty"].astype(str).str.lower().isin(["true", "1", "1.0"])
+        out["empty reference"] = empty.groupby(test["fold"]).sum().astype(int)
+    return out
+
+
+def dice_grid_note(grid: pd.DataFrame) -> str:
+    """One computed sentence on what measuring Dice on the profile grid changes."""
+    native, coarse = "median Dice, native grid", "median Dice, profile grid"
+    if native in grid and coarse in grid:
+        diff = float((grid[native] - grid[coarse]).mean())
+        text = (f"Averaged over folds, the median test Dice is {grid[native].mean():.3f} on the "
+                f"native grid and {grid[coarse].mean():.3f} on the profile grid: judged on the "
+                f"native grid a segmentation scores {abs(diff):.3f} "
+                f"{'higher' if diff > 0 else 'lower'} than on the profile grid.")
+    else:
+        text = ("These case tables have no profile-grid Dice (`true_dice_grid`, written by newer "
+                "runs): only the Dice they hold is shown.")
+    if "empty reference" in grid:
+        text += f" {int(grid['empty reference'].sum())} test case(s) have an empty reference."
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +273,12 @@ def _curve_figure(curves: dict[str, pd.DataFrame], x: str, y: str, title: str,
 
 def risk_coverage_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore], note: str = "",
                          **kw) -> go.Figure:
-    """Selective risk (1 - Dice of kept cases) against coverage, with the oracle's curve."""
+    """Selective risk (1 - Dice of kept cases) against coverage, with the oracle's curve: the
+    curves whose areas are the AURC (tied scores leave in one step)."""
     test = ev.scored_rows(cases)
     curves = {s.label: ev.risk_coverage_curve(test, s, **kw) for s in scores}
-    first = next(iter(curves.values()))
-    oracle = go.Scatter(x=first["coverage"], y=first["oracle_risk"], mode="lines",
+    best = ev.risk_coverage_curve(test, scores[0], oracle=True, **kw)
+    oracle = go.Scatter(x=best["coverage"], y=best["selective_risk"], mode="lines",
                         name="oracle (true Dice order)", line={"dash": "dot", "color": "black"})
     return _curve_figure(curves, "coverage", "selective_risk",
                          f"Risk-coverage, test cases of all folds{note}", "coverage",

@@ -281,7 +281,7 @@ def rec_example_images(results_dir: str | Path, fold: int, subject_id: str) -> d
     volumes = {"input": zero_region(image.flair, pred), "reconstruction": maps["reconstruction"],
                "original": image.flair, "error": maps["error"],
                "abs_error": maps["abs_error"], "darker": np.clip(-maps["error"], 0.0, None),
-               "prediction": pred.astype(np.uint8)}
+               "prediction": pred.astype(np.uint8), "brain": image.brain.astype(np.uint8)}
     return {k: nib.Nifti1Image(np.asarray(v, dtype=np.float32), affine)
             for k, v in volumes.items()}
 
@@ -292,7 +292,8 @@ def figure2_panels(results_dir: str | Path, fold: int, examples: dict[str, str]
 
     One row per example case (``{"small": subject_id, ...}``), seven columns: T1, FLAIR with
     the ground truth, FLAIR with the prediction, the entropy map, the reconstruction input
-    (prediction blanked), the reconstruction and the absolute error map. Profile-grid maps are
+    (prediction blanked), the reconstruction and the signed error map (reconstruction -
+    original, diverging colours: red where the reconstruction is brighter). Profile-grid maps are
     brought back with :func:`preprocess.map_to_native`. Rows are panels for
     :func:`plots.plot_map_panels`; the fold's uncertainty and reconstruction steps must have run.
     """
@@ -313,7 +314,7 @@ def figure2_panels(results_dir: str | Path, fold: int, examples: dict[str, str]
         meta = preprocess.load_case(cache, sid).meta
         rec = rec_example_images(results_dir, fold, sid)
         native = {k: preprocess.map_to_native(np.asarray(rec[k].dataobj), meta)
-                  for k in ("input", "reconstruction", "abs_error")}
+                  for k in ("input", "reconstruction", "error")}
         pred = nib.load(case["native_prediction"])
         rows[f"{size} load, Dice {case['true_dice']:.2f}\n{sid}"] = [
             ("T1", images.t1, None, "anat"),
@@ -322,7 +323,8 @@ def figure2_panels(results_dir: str | Path, fold: int, examples: dict[str, str]
             ("uncertainty (entropy)", images.flair, nib.load(case["native_entropy"]), "heat"),
             ("rec. input", native["input"], pred, "contour"),
             ("reconstruction", native["reconstruction"], None, "anat"),
-            ("|error|", images.flair, native["abs_error"], "heat"),
+            ("error: rec. - orig.\n(red > 0, blue < 0)", images.flair, native["error"],
+             "diverging"),
         ]
     return rows
 
