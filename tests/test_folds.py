@@ -287,3 +287,21 @@ def test_missing_load_rejected(paper):
     bad.loc[3, "lesion_ml"] = np.nan
     with pytest.raises(ValueError, match=str(bad.loc[3, "subject_id"])):
         make_folds(bad)
+
+
+def test_inner_folds_cover_the_training_subjects_once_balanced_and_seeded(paper, paper_folds):
+    from wmhqc_lib.folds import inner_folds
+
+    train = paper_folds[(paper_folds["fold"] == 1) & (paper_folds["split"] == "train")]
+    table = train[["subject_id", "site"]].merge(paper[["subject_id", "lesion_ml"]])
+    inner = inner_folds(table, 3, seed=4, load_column="lesion_ml")
+    assert set(inner) == set(table["subject_id"]) and set(inner.values()) == {1, 2, 3}
+    sizes = pd.Series(inner).value_counts()
+    assert sizes.max() - sizes.min() <= 1  # 68 training subjects: 23/23/22
+    per_site = table.assign(inner=table["subject_id"].map(inner)).groupby(
+        ["site", "inner"]).size().unstack(fill_value=0)
+    assert (per_site.max(axis=1) - per_site.min(axis=1)).max() <= 1
+    assert inner == inner_folds(table, 3, seed=4, load_column="lesion_ml")
+    assert inner != inner_folds(table, 3, seed=5, load_column="lesion_ml")
+    with pytest.raises(ValueError, match="inner folds"):
+        inner_folds(table.head(2), 3, load_column="lesion_ml")

@@ -166,3 +166,24 @@ def test_regression_metrics_and_side_by_side():
     assert list(side.columns) == ["main mae", "main pearson_r", "widened mae",
                                   "widened pearson_r"]
     assert list(side.index) == [rg.INPUT_LABELS[k] for k in rg.INPUT_KINDS]
+
+
+def test_input_sources_side_by_side_compares_in_sample_and_out_of_fold():
+    """With compare_inputs the table holds the main source's columns and the other's suffixed
+    ones; each source is scored on the same test rows, and the better ranking shows."""
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0, 1, 30)
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(30)], "true_dice": true,
+                          "split": ["test"] * 24 + ["val"] * 6})
+    for k in rg.INPUT_KINDS:
+        table[rg.column_name(k)] = 0.6 + 0.01 * rng.normal(size=30)  # nearly constant
+        table[rg.column_name(k) + "_out_of_fold"] = true + 0.05 * rng.normal(size=30)
+    side = rg.input_sources_side_by_side(table, quality_threshold=0.5)
+    assert set(side["inputs"]) == {"in_sample", "out_of_fold"}
+    assert set(side["variant"]) == {"main"} and (side["n"] == 24).all()
+    best = side.loc[side.groupby("input pair")["aurc"].idxmin(), "inputs"]
+    assert set(best) == {"out_of_fold"}
+    assert (side.loc[side["inputs"] == "out_of_fold", "failure_auroc"] > 0.9).all()
+    alone = rg.input_sources_side_by_side(table.drop(columns=[
+        rg.column_name(k) + "_out_of_fold" for k in rg.INPUT_KINDS]), 0.5)
+    assert set(alone["inputs"]) == {"in_sample"}

@@ -113,6 +113,19 @@ def make_folds(subjects: pd.DataFrame, n_folds: int = 5, val_fraction: float = 0
     return pd.concat(rows, ignore_index=True)[FOLD_COLUMNS]
 
 
+def inner_folds(subjects: pd.DataFrame, n_folds: int, seed: int = 0, n_load_bins: int = 3,
+                load_column: str = "load_pct") -> dict[str, int]:
+    """Deal one fold's training subjects into ``n_folds`` inner folds (1..n), balanced by site
+    and lesion load the same way as the outer folds; for out-of-fold inputs of the Dice
+    regressors (each training case's maps from networks that never saw it)."""
+    if n_folds < 2 or len(subjects) < n_folds:
+        raise ValueError(f"cannot make {n_folds} inner folds from {len(subjects)} subjects")
+    frame = subjects[["subject_id", "site"]].reset_index(drop=True).copy()
+    frame["load_bin"] = load_bins(subjects[load_column].reset_index(drop=True), n_load_bins)
+    dealt = _deal_test_folds(frame, n_folds, np.random.default_rng([seed, 11]))
+    return dict(zip(frame["subject_id"], (int(f) for f in dealt), strict=True))
+
+
 def fold_split(folds: pd.DataFrame, fold: int, split: str) -> list[str]:
     """Subject ids of one split (``train``/``val``/``test``) of one fold."""
     if split not in SPLITS:

@@ -271,6 +271,40 @@ def metrics_side_by_side(table: pd.DataFrame, split: str = "test",
     return out
 
 
+def input_sources_side_by_side(table: pd.DataFrame, quality_threshold: float,
+                               split: str = "test", dice_column: str = "true_dice",
+                               main_source: str | None = None) -> pd.DataFrame:
+    """Every regressor trained on in-sample and on out-of-fold inputs, one row per input pair,
+    source and variant: Pearson r, MAE, failure AUROC and AURC on one split. ``main_source``
+    is the source of the unsuffixed columns (the profile's ``dice_regression.inputs``; by
+    default the one without suffixed columns); sources missing from the table are left out."""
+    from . import evaluation as ev
+
+    suffixes = {"_in_sample": "in_sample", "_out_of_fold": "out_of_fold"}
+    present = {name for suffix, name in suffixes.items()
+               if any(c.endswith(suffix) for c in table.columns)}
+    if main_source is None:
+        main_source = next((n for n in suffixes.values() if n not in present), None)
+    part = table[table["split"] == split]
+    rows = []
+    for kind in INPUT_KINDS:
+        for variant in VARIANTS:
+            for suffix, source in [("", main_source)] + list(suffixes.items()):
+                column = column_name(kind, variant) + suffix
+                if source is None or column not in part or part[column].isna().all():
+                    continue
+                spec = ev.resolve_score(column, higher_is_better=True, dice_scale=True)
+                data = part.dropna(subset=[column, dice_column])
+                m = ev.evaluate_score(data, spec, threshold=float(data[column].median()),
+                                      quality_threshold=quality_threshold,
+                                      dice_column=dice_column)
+                rows.append({"input pair": INPUT_LABELS[kind], "inputs": source,
+                             "variant": variant, "n": len(data),
+                             "pearson_r": m["pearson_r"], "mae": m["mae"],
+                             "failure_auroc": m["failure_auroc"], "aurc": m["aurc"]})
+    return pd.DataFrame(rows)
+
+
 def write_table(rows: Sequence[dict], path: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     path.parent.mkdir(parents=True, exist_ok=True)

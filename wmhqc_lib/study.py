@@ -356,6 +356,17 @@ class DiceRegressionResult:
                 for (variant, kind), r in self.models.items()}
 
 
+def _case_inputs(rg, sid: str, image, mc_maps: Path, rec_maps: Path):
+    """What a regressor reads of one case, from the given MC and error-map folders."""
+    from .reconstruction import load_error_maps
+
+    with np.load(mc_maps / f"{sid}.npz") as z:
+        pred, mean, entropy = (z["prediction"] > 0, z["mean"].astype(np.float32),
+                               z["entropy"].astype(np.float32))
+    error = load_error_maps(rec_maps / f"{sid}.npz")["error"]
+    return rg.CaseInputs(sid, image, pred, mean, entropy, error)
+
+
 def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
                           seed: int | None = None, progress: bool = True
                           ) -> DiceRegressionResult:
@@ -363,51 +374,39 @@ def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
     predict validation and test cases; write ``dr/dr_cases.csv`` and the per-case table.
 
     Targets are the true Dice of the fold's training cases (validation cases choose the
-    checkpoint); no test target is read. Widening uses training cases only.
+    checkpoint); no test target is read. Widening uses training cases only. The training
+    cases' inputs are in-sample (the outer networks' maps, the paper's design) or out-of-fold
+    (:mod:`wmhqc_lib.out_of_fold`), as ``dice_regression.inputs`` says; with
+    ``compare_inputs`` the other source is trained too, its columns suffixed with its name.
     """
     import keras
 
+    from . import out_of_fold as oof
     from . import regression as rg
     from .models import build_dice_regressor
-    from .reconstruction import load_error_maps, model_tag
+    from .reconstruction import model_tag
 
     section = profile.section("dice_regression")
     rec_section = profile.section("rec_unet")
+    source = oof.input_source(section)
+    sources = [source] + ([s for s in oof.INPUT_SOURCES if s != source]
+                          if section.get("compare_inputs") else [])
     seed = profile.seed + fold if seed is None else seed
     paths = FoldPaths.under(results_dir, fold)
     subjects = fold_subjects(results_dir, fold)
     ids = {s: [sid for sid, sp in subjects.items() if sp == s] for s in SPLITS}
     mc_table = pd.read_csv(paths.mc / "mc_cases.csv").set_index("subject_id")
-    targets = {s: mc_table.loc[ids[s], "true_dice"].to_numpy(np.float32)
-               for s in ("train", "val")}  # test targets are never read here
+    val_targets = mc_table.loc[ids["val"], "true_dice"].to_numpy(np.float32)
+    # test targets are never read here
 
     images = {im.subject_id: im for im in qc_images(results_dir, subjects)}
-    inputs: dict[str, rg.CaseInputs] = {}
-    for sid in subjects:
-        with np.load(paths.mc / "maps" / f"{sid}.npz") as z:
-            pred, mean, entropy = (z["prediction"] > 0, z["mean"].astype(np.float32),
-                                   z["entropy"].astype(np.float32))
-        error = load_error_maps(paths.rec / "maps" / f"{sid}.npz")["error"]
-        inputs[sid] = rg.CaseInputs(sid, images[sid], pred, mean, entropy, error)
-
+    outer = {sid: _case_inputs(rg, sid, images[sid], paths.mc / "maps", paths.rec / "maps")
+             for sid in subjects}
+    if "out_of_fold" in sources:
+        oof.run_out_of_fold(profile, results_dir, fold, progress=progress)
+    cache = cohort.CohortPaths.under(results_dir).cache
     widen = section.get("widen") or {}
     variants = ["main"] + (["widened"] if widen.get("enabled", True) and widen else [])
-    extra: dict[str, dict] = {}
-    if "widened" in variants:
-        rec_model = keras.models.load_model(paths.rec_unet / "best.keras", compile=False)
-        tag = model_tag(paths.rec_unet)
-        cache = cohort.CohortPaths.under(results_dir).cache
-        for sid in ids["train"]:  # ground truth of training cases only
-            meta = preprocess.load_case(cache, sid).meta
-            reference = preprocess.load_native_reference(cache, sid)
-
-            def true_dice(mask, meta=meta, reference=reference):
-                return preprocess.native_dice(mask.astype(np.float32), meta, reference)
-
-            extra[sid] = rg.widened_pairs(rec_model, inputs[sid], true_dice, widen,
-                                          paths.dr / "widened" / f"{sid}.npz", tag,
-                                          int(rec_section.get("infer_batch", 4)))
-
     shape = tuple(profile.preprocess.shape)
     batch = int(section["batch_size"])
     steps = section.get("steps_per_epoch") or max(1, int(np.ceil(len(ids["train"]) / batch)))
@@ -418,38 +417,74 @@ def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
                                     float(section.get("negative_slope", 0.3)))
 
     models, n_pairs, predicted = {}, {}, {}
-    for kind in rg.INPUT_KINDS:
-        main = rg.RegressionSet(np.stack([inputs[s].pair(kind) for s in ids["train"]]),
-                                targets["train"], list(ids["train"]))
-        val = rg.RegressionSet(np.stack([inputs[s].pair(kind) for s in ids["val"]]),
-                               targets["val"], list(ids["val"]))
-        test_x = np.stack([inputs[s].pair(kind) for s in ids["test"]])
-        for variant in variants:
-            train = main
-            if variant == "widened":
-                xs, ys, names = [main.x], [main.y], list(main.ids)
-                for sid in ids["train"]:
-                    e, case = extra[sid], inputs[sid]
-                    for j, name in enumerate(e["names"]):
-                        maps = {"flair": case.image.flair, "entropy": case.entropy,
-                                "error": e["error"][j]}
-                        xs.append(rg.input_pair(kind, e["masks"][j], **maps)[None])
-                        ys.append(e["dice"][j:j + 1])
-                        names.append(f"{sid}:{name}")
-                train = rg.RegressionSet(np.concatenate(xs), np.concatenate(ys), names)
-            n_pairs[variant] = len(train.ids)
-            if progress:
-                print(f"Dice regressor {rg.INPUT_LABELS[kind]}, {variant}: "
-                      f"{len(train.ids)} training pairs", flush=True)
-            result = rg.fit_dice_regressor(build, train, val, paths.dr / variant / kind,
-                                           section, seed, steps=int(steps), progress=progress)
-            models[(variant, kind)] = result
-            column = rg.column_name(kind, variant)
-            predicted[column] = dict(zip(ids["val"], rg.predict_dice(result.model, val.x),
-                                         strict=True))
-            predicted[column].update(zip(ids["test"], rg.predict_dice(result.model, test_x),
-                                         strict=True))
-            del train
+    for src in sources:
+        suffix = "" if src == source else f"_{src}"
+        if src == "in_sample":
+            train_inputs = {sid: outer[sid] for sid in ids["train"]}
+            train_targets = mc_table.loc[ids["train"], "true_dice"].to_numpy(np.float32)
+            rec_folders = dict.fromkeys(ids["train"], paths.rec_unet)
+        else:
+            folders = oof.map_folders(results_dir, fold, ids["train"])
+            train_inputs = {sid: _case_inputs(rg, sid, images[sid], *folders[sid])
+                            for sid in ids["train"]}
+            train_targets = oof.out_of_fold_targets(results_dir, fold).loc[
+                ids["train"]].to_numpy(np.float32)
+            rec_folders = {sid: oof.rec_model_of(results_dir, fold, sid)
+                           for sid in ids["train"]}
+        extra: dict[str, dict] = {}
+        if "widened" in variants:
+            loaded: dict[Path, keras.Model] = {}
+            for sid in ids["train"]:  # ground truth of training cases only
+                folder = rec_folders[sid]
+                if folder not in loaded:
+                    loaded[folder] = keras.models.load_model(folder / "best.keras",
+                                                             compile=False)
+                meta = preprocess.load_case(cache, sid).meta
+                reference = preprocess.load_native_reference(cache, sid)
+
+                def true_dice(mask, meta=meta, reference=reference):
+                    return preprocess.native_dice(mask.astype(np.float32), meta, reference)
+
+                extra[sid] = rg.widened_pairs(
+                    loaded[folder], train_inputs[sid], true_dice, widen,
+                    paths.dr / f"widened{suffix}" / f"{sid}.npz", model_tag(folder),
+                    int(rec_section.get("infer_batch", 4)))
+            del loaded
+        for kind in rg.INPUT_KINDS:
+            main = rg.RegressionSet(np.stack([train_inputs[s].pair(kind) for s in ids["train"]]),
+                                    train_targets, list(ids["train"]))
+            val = rg.RegressionSet(np.stack([outer[s].pair(kind) for s in ids["val"]]),
+                                   val_targets, list(ids["val"]))
+            test_x = np.stack([outer[s].pair(kind) for s in ids["test"]])
+            for variant in variants:
+                train = main
+                if variant == "widened":
+                    xs, ys, names = [main.x], [main.y], list(main.ids)
+                    for sid in ids["train"]:
+                        e, case = extra[sid], train_inputs[sid]
+                        for j, name in enumerate(e["names"]):
+                            maps = {"flair": case.image.flair, "entropy": case.entropy,
+                                    "error": e["error"][j]}
+                            xs.append(rg.input_pair(kind, e["masks"][j], **maps)[None])
+                            ys.append(e["dice"][j:j + 1])
+                            names.append(f"{sid}:{name}")
+                    train = rg.RegressionSet(np.concatenate(xs), np.concatenate(ys), names)
+                name = f"{variant}{suffix}"
+                n_pairs[name] = len(train.ids)
+                if progress:
+                    print(f"Dice regressor {rg.INPUT_LABELS[kind]}, {name}: "
+                          f"{len(train.ids)} training pairs", flush=True)
+                result = rg.fit_dice_regressor(build, train, val, paths.dr / name / kind,
+                                               section, seed, steps=int(steps),
+                                               progress=progress)
+                models[(name, kind)] = result
+                column = rg.column_name(kind, variant) + suffix
+                predicted[column] = dict(zip(ids["val"], rg.predict_dice(result.model, val.x),
+                                             strict=True))
+                predicted[column].update(zip(ids["test"],
+                                             rg.predict_dice(result.model, test_x),
+                                             strict=True))
+                del train
 
     rows = [{"fold": fold, "subject_id": sid, "split": split,
              **{c: float(v[sid]) if sid in v else np.nan for c, v in predicted.items()}}
