@@ -12,6 +12,7 @@ What is simulated, per subject:
 * lesions in white matter: periventricular caps and rims (confluent at high load) and deep
   punctate or ovoid lesions; load drawn from a log-normal matched to the paper's cohort
   (1.48 % +- 1.41 % of brain volume); soft edges (partial volume);
+* a FLAIR contrast of its own for every lesion, graded as in real WMH (see *Lesion contrast*);
 * seven scanner sites mirroring paper Table 2: voxel size and field of view (scaled by the
   profile's ``voxel_scale``), orientation, contrast, noise, bias field, slice-profile blur,
   and separate T1 and FLAIR grids where the real site has them;
@@ -21,6 +22,40 @@ What is simulated, per subject:
   subjects.
 
 Nothing here decides which segmentations fail: that is for the network. Everything is seeded.
+
+Lesion contrast
+---------------
+Real WMH are not one shade: periventricular caps and confluent lesions are bright, small deep
+(punctate) lesions are often only slightly hyperintense, and every lesion fades into the
+normal-appearing white matter at its border. Contrast is written here as
+``r = (lesion - WM) / (GM - WM)`` on FLAIR before any site factor: ``r = 0`` is white matter,
+``r = 1`` as bright as grey matter. The model, per lesion (connected component, 26-neighbour):
+
+* its *core* contrast is log-normal: median rising log-linearly with lesion volume from
+  ``LESION_CORE_SMALL`` (a punctate lesion) to ``LESION_CORE_LARGE`` (a confluent cap or band),
+  spread ``LESION_CORE_SIGMA``, clipped to ``[LESION_CORE_MIN, LESION_R_MAX]``. The volume of a
+  deep lesion is its seeded ellipsoid's nominal volume, not its voxel count, so a punctate lesion
+  stays "small" on a coarse working grid where it fills a whole voxel;
+* inside the lesion the contrast rises from the rim to the core with depth ``d`` (mm from the
+  lesion border): ``r(d) = core * (1 - (1 - RIM_FRACTION) * exp(-d / RIM_DEPTH_MM))``, so a lesion
+  only a voxel or two across never reaches its core value; outside, partial volume
+  (``lesion_soft``) blends the rim value into the surrounding tissue;
+* the site factor (``SiteSpec.lesion_contrast``) and the ``low_contrast`` hard case (x0.35)
+  multiply on top; T1 hypointensity is scaled by the same fraction ``r / LESION_R_MAX`` of the
+  full T1 lesion contrast;
+* the contrast is counted from white matter, or from the voxel's own tissue where grey-matter
+  partial volume makes it brighter on FLAIR (darker on T1), so a faint lesion never looks darker
+  than the tissue it sits in.
+
+``LESION_R_MAX`` is the single fixed contrast of generator version 2 (lesion = 2.3 x WM): lesions
+are far fainter than there on average, in every hard-case condition. Measured on the clean
+working-grid FLAIR of the 105-subject ``cpu`` cohort, per lesion (mean over its voxels, partial
+volume included): r median 0.82 (10th-90th percentile 0.41-1.60), 65 % of lesions fainter than
+grey matter; version 2: median 2.88 (2.25-3.50), 2 %.
+
+Which voxels are lesion does not depend on the contrast: the reference masks still come from
+the partial-volume map (``lesion_soft > 0.5``), and every voxel they mark is hyperintense on
+FLAIR, however faintly.
 """
 
 from __future__ import annotations
@@ -47,13 +82,37 @@ from .datasets import layout_paths
 
 MARKER_FILE = "SYNTHETIC_COHORT.json"
 SUBJECTS_FILE = "SYNTHETIC_COHORT.csv"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: per-lesion graded contrast with a rim/core profile
 
 # Relative tissue intensities before site gain. FLAIR suppresses CSF; lesions are bright on
-# FLAIR and dark on T1 relative to white matter.
+# FLAIR and dark on T1 relative to white matter. "lesion" is the brightest (FLAIR) or darkest
+# (T1) a lesion core can be; each lesion reaches a fraction of it (see *Lesion contrast*).
 FLAIR_TISSUE = {"wm": 0.50, "gm": 0.66, "csf": 0.06, "lesion": 1.15, "scalp": 0.55,
                 "skull": 0.03}
 T1_TISSUE = {"wm": 0.85, "gm": 0.55, "csf": 0.18, "lesion": 0.55, "scalp": 0.92, "skull": 0.05}
+
+# Lesion contrast in units of the FLAIR grey/white contrast, r = (lesion - WM) / (GM - WM).
+# Ceiling: FLAIR_TISSUE["lesion"], the fixed contrast of generator version 2 (r = 4.06).
+LESION_R_MAX = (FLAIR_TISSUE["lesion"] - FLAIR_TISSUE["wm"]) / \
+    (FLAIR_TISSUE["gm"] - FLAIR_TISSUE["wm"])
+# (volume mm^3, median core r): a punctate deep lesion about 3 mm across is typically only
+# slightly brighter than grey matter at its core, a confluent periventricular cap (5 ml) nearly
+# three times as much; log-linear in between, constant beyond.
+LESION_CORE_SMALL = (20.0, 1.3)
+LESION_CORE_LARGE = (5000.0, 2.8)
+# Log-normal spread of the core r between lesions of the same size: with it, three in ten
+# punctate lesions have a core fainter than grey matter even before the rim profile, and about
+# one in five 5 ml lesions reaches the ceiling LESION_R_MAX.
+LESION_CORE_SIGMA = 0.5
+# Every lesion stays at least this hyperintense at its core: a rater marked it.
+LESION_CORE_MIN = 0.15
+# Rim/core profile: share of the core contrast at the lesion border, and the depth (mm) over
+# which it rises towards the core (e-folding), as the FLAIR signal of WMH fades over a few mm.
+RIM_FRACTION = 0.35
+RIM_DEPTH_MM = 1.5
+# Smooth texture inside lesions: relative SD of the lesion contrast (clipped to +-50 %, so a
+# lesion voxel never drops below white matter on FLAIR or rises above it on T1).
+LESION_TEXTURE = 0.10
 
 
 @dataclass(frozen=True)
@@ -213,6 +272,7 @@ class SubjectAnatomy:
     lesion_soft: np.ndarray  # float, partial-volume lesion fraction
     other: np.ndarray  # bool, "other pathology" region (label 2)
     other_core: np.ndarray  # bool, fluid-filled core of that region
+    lesion_core: np.ndarray  # float, core contrast r of the lesion each voxel belongs to, else 0
 
     @property
     def brain(self) -> np.ndarray:
@@ -268,6 +328,9 @@ def simulate_anatomy(plan: SubjectPlan, settings: SynthSettings, rng: np.random.
     target_vox = int(round(brain_vox * plan.load_pct / 100.0))
 
     lesion = np.zeros(gm.shape, dtype=bool)
+    # nominal lesion volume (mm^3) carried by each voxel; summed per lesion, it is the lesion's
+    # size for its contrast, independent of how coarsely the working grid voxelises it
+    volume = np.zeros(gm.shape, dtype=np.float32)
     candidate = (wm > 0.55) & ~vent
     dist_v = ndi.distance_transform_edt(~vent).astype(np.float32) * w if vent.any() else \
         np.full(gm.shape, 50.0, np.float32)
@@ -291,6 +354,7 @@ def simulate_anatomy(plan: SubjectPlan, settings: SynthSettings, rng: np.random.
             top = np.argpartition(flat, -n_pv)[-n_pv:]
             lesion.ravel()[top] = True
             lesion &= np.isfinite(score)
+            volume[lesion] = w**3
 
     # Deep punctate (vascular) or ovoid (MS) lesions in deep white matter.
     deep = np.argwhere((wm > 0.8) & (dist_v > 6.0) & ~lesion)
@@ -303,11 +367,14 @@ def simulate_anatomy(plan: SubjectPlan, settings: SynthSettings, rng: np.random.
     while grown < n_deep_target and deep.size and guard < 2000:
         guard += 1
         centre = deep[rng.integers(len(deep))].astype(np.float32)
-        radii = np.maximum(rng.uniform(r_lo, r_hi) * rng.uniform(0.7, 1.4, size=3) / w, 0.6)
-        sl, ball = _ellipsoid(gm.shape, centre, radii)
+        radii_mm = rng.uniform(r_lo, r_hi) * rng.uniform(0.7, 1.4, size=3)
+        sl, ball = _ellipsoid(gm.shape, centre, np.maximum(radii_mm / w, 0.6))
         new = ball & (wm[sl] > 0.45) & ~lesion[sl]
         lesion[sl] |= new
-        grown += int(new.sum())
+        n_new = int(new.sum())
+        if n_new:
+            volume[sl][new] = 4.0 / 3.0 * np.pi * float(np.prod(radii_mm)) / n_new
+        grown += n_new
 
     # Other pathology (MICCAI label 2): an infarct-like region at the grey/white boundary with a
     # fluid core and a gliotic rim; hyperintense rim on FLAIR, so it looks lesion-like.
@@ -325,14 +392,102 @@ def simulate_anatomy(plan: SubjectPlan, settings: SynthSettings, rng: np.random.
             core &= other
             lesion &= ~other
 
+    core_r = lesion_core_contrast(lesion, volume, rng)
+    return SubjectAnatomy(tpl.affine, gm, wm, csf, maps["dist_out"], lesion, _soft(lesion),
+                          other, core, core_r)
+
+
+def _soft(lesion: np.ndarray) -> np.ndarray:
+    """Partial-volume lesion fraction: lesion edges blurred by under half a voxel."""
     soft = ndi.gaussian_filter(lesion.astype(np.float32), 0.45)
-    soft = np.maximum(soft, lesion * 0.5)  # keep every lesion voxel at least half lesion
-    return SubjectAnatomy(tpl.affine, gm, wm, csf, maps["dist_out"], lesion, soft, other, core)
+    return np.maximum(soft, lesion * 0.5)  # keep every lesion voxel at least half lesion
 
 
-def tissue_image(anat: SubjectAnatomy, tissue: dict[str, float], lesion_value: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Clean intensity image on the working grid from tissue fractions (no noise, no bias)."""
+_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-neighbour connectivity: what touches is one lesion
+
+
+def median_core_contrast(volume_mm3: np.ndarray) -> np.ndarray:
+    """Median core contrast r of lesions of this volume: small lesions are fainter."""
+    (v_small, r_small), (v_large, r_large) = LESION_CORE_SMALL, LESION_CORE_LARGE
+    t = np.clip(np.log(np.maximum(volume_mm3, 1e-6) / v_small) / np.log(v_large / v_small),
+                0.0, 1.0)
+    return np.exp(np.log(r_small) + t * (np.log(r_large) - np.log(r_small)))
+
+
+def draw_core_contrast(volume_mm3: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One core contrast r per lesion: log-normal around the size-dependent median."""
+    volume_mm3 = np.asarray(volume_mm3, dtype=np.float64)
+    r = median_core_contrast(volume_mm3) * np.exp(
+        LESION_CORE_SIGMA * rng.standard_normal(volume_mm3.shape))
+    return np.clip(r, LESION_CORE_MIN, LESION_R_MAX)
+
+
+def lesion_core_contrast(lesion: np.ndarray, volume: np.ndarray, rng: np.random.Generator
+                         ) -> np.ndarray:
+    """Per-voxel core contrast: each connected lesion gets one draw for its summed volume."""
+    labels, n = ndi.label(lesion, _FULL)
+    out = np.zeros(lesion.shape, dtype=np.float32)
+    if n:
+        sizes = ndi.sum(volume, labels, np.arange(1, n + 1))
+        r = draw_core_contrast(sizes, rng).astype(np.float32)
+        out[lesion] = r[labels[lesion] - 1]
+    return out
+
+
+def relative_contrast_map(anat: SubjectAnatomy) -> np.ndarray:
+    """Contrast r at every voxel the lesion map touches: the core value scaled by the rim/core
+    profile inside a lesion, the nearest lesion voxel's value in the partial-volume halo."""
+    out = np.zeros(anat.lesion.shape, dtype=np.float32)
+    touched = anat.lesion_soft > 0
+    if not (anat.lesion & touched).any():  # no lesion, or its partial volume zeroed
+        return out
+    box = _bounding_box(touched, pad=1)  # distance transforms only where lesions are
+    lesion, core, crop = anat.lesion[box], anat.lesion_core[box], out[box]
+    w = abs(float(anat.affine[0, 0]))
+    depth_mm = (ndi.distance_transform_edt(lesion) - 0.5) * w  # border voxel: half a voxel deep
+    profile = 1.0 - (1.0 - RIM_FRACTION) * np.exp(-depth_mm / RIM_DEPTH_MM)
+    crop[lesion] = (core * profile)[lesion]
+    halo = touched[box] & ~lesion
+    if halo.any():
+        nearest = ndi.distance_transform_edt(~lesion, return_distances=False,
+                                             return_indices=True)
+        crop[halo] = crop[tuple(ax[halo] for ax in nearest)]
+    return out
+
+
+def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
+    """Slices of the box around ``mask`` widened by ``pad`` voxels (clipped to the array)."""
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - pad, 0)
+    hi = np.minimum(idx.max(axis=0) + pad + 1, mask.shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+
+
+def grow_follow_up(anat: SubjectAnatomy, rng: np.random.Generator) -> None:
+    """Follow-up scan: lesions grow a little at their borders; new voxels take the core
+    contrast of the lesion they grew from."""
+    grow = ndi.binary_dilation(anat.lesion, iterations=1) & (anat.wm > 0.5)
+    keep = rng.random(anat.lesion.shape) < 0.35
+    new = grow & keep & ~anat.lesion
+    if anat.lesion.any() and new.any():
+        box = _bounding_box(anat.lesion | new, pad=0)
+        nearest = ndi.distance_transform_edt(~anat.lesion[box], return_distances=False,
+                                             return_indices=True)
+        core, grown = anat.lesion_core[box], new[box]
+        core[grown] = core[tuple(ax[grown] for ax in nearest)]
+    anat.lesion = anat.lesion | new
+    anat.lesion_soft = _soft(anat.lesion)
+
+
+def tissue_image(anat: SubjectAnatomy, tissue: dict[str, float], contrast_scale: float,
+                 rng: np.random.Generator, relative: np.ndarray | None = None) -> np.ndarray:
+    """Clean intensity image on the working grid from tissue fractions (no noise, no bias).
+
+    A lesion voxel reaches ``relative / LESION_R_MAX`` (from :func:`relative_contrast_map`,
+    computed if not given) of the full lesion contrast ``tissue["lesion"] - tissue["wm"]``,
+    times ``contrast_scale`` (site factor and low-contrast hard case) and a smooth texture;
+    partial volume (``lesion_soft``) blends it with the tissue around.
+    """
     d = anat.dist_out
     skull = (d > 2.0) & (d <= 7.0)
     scalp = np.clip((d - 7.0) / 1.5, 0, 1) * np.clip((13.0 - d) / 1.5, 0, 1)
@@ -341,13 +496,20 @@ def tissue_image(anat: SubjectAnatomy, tissue: dict[str, float], lesion_value: f
     img = np.where(outer_csf, tissue["csf"], img)
     img = np.where(skull, tissue["skull"], img)
     img = img + scalp * tissue["scalp"] * (d > 7.0)
-    texture = 1.0 + 0.06 * _smooth_noise(rng, img.shape, 1.5)
-    les = lesion_value * texture
+    texture = np.clip(1.0 + LESION_TEXTURE * _smooth_noise(rng, img.shape, 1.5), 0.5, 1.5)
+    if relative is None:
+        relative = relative_contrast_map(anat)
+    fraction = contrast_scale * relative / LESION_R_MAX * texture
+    # The lesion replaces the voxel's tissue and sits a fraction of the full lesion contrast
+    # beyond white matter, or beyond the voxel's own tissue where that is already brighter
+    # (FLAIR, grey-matter partial volume) or darker (T1): a faint lesion never looks darker
+    # on FLAIR than the tissue it sits in.
+    sign = 1.0 if tissue["lesion"] >= tissue["wm"] else -1.0
+    ref = tissue["wm"] + sign * np.maximum(sign * (img - tissue["wm"]), 0.0)
+    les = ref + fraction * (tissue["lesion"] - tissue["wm"])
     img = img * (1.0 - anat.lesion_soft) + les * anat.lesion_soft
-    if anat.other.any():
-        rim_value = max(tissue["lesion"], tissue["wm"]) if lesion_value > tissue["wm"] else \
-            tissue["lesion"]
-        img = np.where(anat.other, rim_value, img)
+    if anat.other.any():  # the gliotic rim of other pathology keeps the full lesion contrast
+        img = np.where(anat.other, tissue["lesion"], img)
         img = np.where(anat.other_core, tissue["csf"], img)
     return img.astype(np.float32)
 
@@ -535,6 +697,12 @@ def _site(plan: SubjectPlan) -> SiteSpec:
     return next(s for s in SITES if s.dataset == plan.dataset and s.site == plan.site)
 
 
+def subject_contrast_scale(plan: SubjectPlan) -> float:
+    """What multiplies every lesion's contrast in this subject: the site's factor, and 0.35
+    in the low-contrast hard case (it only ever makes lesions fainter)."""
+    return _site(plan).lesion_contrast * (0.35 if plan.low_contrast else 1.0)
+
+
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data, affine)
@@ -549,9 +717,7 @@ def generate_subject(plan: SubjectPlan, settings: SynthSettings, seed: int, root
     rng = np.random.default_rng([seed, 1, plan.index])
     site = _site(plan)
     anat = simulate_anatomy(plan, settings, rng, site.ms_lesions)
-    contrast = site.lesion_contrast * (0.35 if plan.low_contrast else 1.0)
-    flair_lesion = FLAIR_TISSUE["wm"] + contrast * (FLAIR_TISSUE["lesion"] - FLAIR_TISSUE["wm"])
-    t1_lesion = T1_TISSUE["wm"] + contrast * (T1_TISSUE["lesion"] - T1_TISSUE["wm"])
+    contrast = subject_contrast_scale(plan)
     noise_scale = 3.0 if plan.high_noise else 1.0
     ghost = float(rng.uniform(0.12, 0.25)) if plan.ghosting else 0.0
     timepoints = settings.isbi_timepoints if site.dataset == "isbi15" else 1
@@ -561,11 +727,7 @@ def generate_subject(plan: SubjectPlan, settings: SynthSettings, seed: int, root
 
     for tp in range(1, timepoints + 1):
         if tp > 1:  # follow-up: lesions evolve a little, new head position
-            grow = ndi.binary_dilation(anat.lesion, iterations=1) & (anat.wm > 0.5)
-            keep = rng.random(anat.lesion.shape) < 0.35
-            anat.lesion = anat.lesion | (grow & keep)
-            anat.lesion_soft = np.maximum(ndi.gaussian_filter(anat.lesion.astype(np.float32), 0.45),
-                                          anat.lesion * 0.5)
+            grow_follow_up(anat, rng)
         pose = Pose.random(anat, rng)
         flair_grid = fit_grid(site.flair, settings.working_mm, settings.voxel_scale)
         t1_grid = fit_grid(site.t1, settings.working_mm, settings.voxel_scale) if site.t1 \
@@ -573,10 +735,11 @@ def generate_subject(plan: SubjectPlan, settings: SynthSettings, seed: int, root
         flair_aff = native_affine(flair_grid, rng)
         t1_aff = native_affine(t1_grid, rng) if site.t1 else flair_aff
 
-        flair_clean = sample_to_grid(tissue_image(anat, FLAIR_TISSUE, flair_lesion, rng), anat,
-                                     pose, flair_aff, flair_grid, blur=True)
-        t1_clean = sample_to_grid(tissue_image(anat, T1_TISSUE, t1_lesion, rng), anat, pose,
-                                  t1_aff, t1_grid, blur=True)
+        relative = relative_contrast_map(anat)
+        flair_clean = sample_to_grid(tissue_image(anat, FLAIR_TISSUE, contrast, rng, relative),
+                                     anat, pose, flair_aff, flair_grid, blur=True)
+        t1_clean = sample_to_grid(tissue_image(anat, T1_TISSUE, contrast, rng, relative), anat,
+                                  pose, t1_aff, t1_grid, blur=True)
         flair = acquire(flair_clean, site, flair_grid, noise_scale, rng, ghosting=ghost)
         t1 = acquire(t1_clean, site, t1_grid, noise_scale, rng)
         soft = sample_to_grid(anat.lesion_soft, anat, pose, flair_aff, flair_grid, blur=False)
