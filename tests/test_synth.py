@@ -531,8 +531,8 @@ def test_core_contrast_distribution():
     assert small.min() >= synth.LESION_CORE_MIN and large.max() <= synth.LESION_R_MAX
     assert np.median(small) == pytest.approx(synth.LESION_CORE_SMALL[1], rel=0.05)
     assert np.median(large) == pytest.approx(synth.LESION_CORE_LARGE[1], rel=0.05)
-    assert (small < 1.0).mean() > 0.2  # many punctate cores fainter than grey matter
-    assert (small < 0.6).mean() > 0.05  # some barely above white matter
+    assert (small < 1.0).mean() > 0.1  # punctate cores fainter than grey matter: one in eight
+    assert (small < 0.8).mean() > 0.03  # some barely above white matter
     assert np.median(large) > 1.5 * np.median(small)
     # the median rises monotonically with volume and is flat outside the anchors
     volumes = np.geomspace(1.0, 1e5, 50)
@@ -555,7 +555,7 @@ def test_lesion_contrast_varies_between_lesions(graded):
 def test_many_lesions_are_faint_but_all_hyperintense(graded):
     tables = [lesion_table(anat, img) for _, anat, img in graded]
     r = pd.concat(tables)["r"]
-    assert (r < 1.0).mean() > 0.3, r.describe()  # fainter than grey matter on average
+    assert (r < 1.0).mean() > 0.2, r.describe()  # often fainter than grey matter (v2: 2 %)
     assert (r > 2.0).mean() > 0.02  # some bright lesions remain
     for plan, anat, img in graded:
         # every voxel the generator calls lesion is brighter than white matter and than the
