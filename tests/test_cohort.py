@@ -179,10 +179,12 @@ def test_grid_volume_check_counts_empty_references_and_ratios():
         "subject_id": ["a", "b", "c", "d"], "site": ["s1", "s1", "s2", "s2"],
         "status": ["computed", "computed", "cached", "failed"],
         "lesion_ml": [10.0, 4.0, 0.0, 3.0], "lesion_ml_grid": [9.9, 4.1, 0.0, 0.0],
-        "reference_empty": [False, False, True, False]})
+        "reference_empty": [False, False, True, False],
+        "roundtrip_dice": [0.9, 0.3, 1.0, 0.5]})
     table = cohort.grid_volume_check(prep).set_index("site")
     assert table.loc["all", "subjects"] == 3  # the failed case is left out
     assert table.loc["all", "empty_references"] == 1
     assert table.loc["s2", "empty_references"] == 1 and np.isnan(table.loc["s2", "grid_ratio_min"])
     assert table.loc["all", "grid_ratio_min"] == pytest.approx(0.99)
     assert table.loc["all", "grid_ratio_max"] == pytest.approx(1.025)
+    assert table.loc["s1", "roundtrip_dice_median"] == pytest.approx(0.6)

@@ -231,6 +231,7 @@ def test_native_dice_of_a_perfect_prediction_survives_the_round_trip(tmp_path, b
     truth = np.asarray(nib.as_closest_canonical(nib.load(row["mask"])).dataobj) > 0
     assert np.array_equal(reference.lesion, truth)
     assert preprocess.native_dice(case.lesion, case, reference) >= 0.93
+    assert case.meta["roundtrip_dice"] == preprocess.native_dice(case.lesion, case, reference)
     shifted = np.roll(case.lesion, 3, axis=0)
     assert preprocess.native_dice(shifted, case, reference) < 0.6
     assert preprocess.native_dice(np.zeros_like(case.lesion), case, reference) == 0.0

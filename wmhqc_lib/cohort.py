@@ -123,7 +123,11 @@ def grid_volume_check(prep: pd.DataFrame) -> pd.DataFrame:
     how many references hold no lesion at all (scored by the empty-reference rule).
 
     One row per site and one for all: the native lesion volume, the grid/native ratio (median,
-    minimum, maximum) and the count of empty references.
+    minimum, maximum), the count of empty references and, where preprocessing recorded it, the
+    median round-trip Dice: the partial-volume reference itself used as the prediction (mapped
+    back and cut at 0.5) against the native reference. Lesions whose fractions stay below one
+    half on the grid are lost on the way back, so it shows how much of the lesion load the grid
+    cannot carry as "mostly lesion" voxels.
     """
     ok = prep[prep["status"] != "failed"].copy()
     empty = ok["reference_empty"].astype(bool) if "reference_empty" in ok else \
@@ -135,7 +139,9 @@ def grid_volume_check(prep: pd.DataFrame) -> pd.DataFrame:
         return {"subjects": len(group), "lesion_ml_median": group["lesion_ml"].median(),
                 "grid_ratio_median": group["ratio"].median(),
                 "grid_ratio_min": group["ratio"].min(), "grid_ratio_max": group["ratio"].max(),
-                "empty_references": int(group["empty"].sum())}
+                "empty_references": int(group["empty"].sum()),
+                "roundtrip_dice_median": group["roundtrip_dice"].median()
+                if "roundtrip_dice" in group else np.nan}
 
     rows = []
     if "site" in ok:

@@ -38,7 +38,7 @@ from .config import PreprocessSettings
 from .datasets import load_subject
 from .io import DataError, same_grid, voxel_size
 
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
 CHANNELS = ("t1", "flair")
 
 
@@ -338,6 +338,9 @@ def preprocess_subject(row: Mapping, settings: PreprocessSettings) -> Preprocess
         "load_pct": 100.0 * float(lesion_native.sum()) * voxel_ml / brain_ml,
         "brain_outside_grid_fraction": max(0.0, 1.0 - kept / brain_ml),
     }
+    # what the grid costs: the partial-volume reference used as a prediction, mapped back and
+    # cut at 0.5, against the native reference (an empty reference scores 1)
+    meta["roundtrip_dice"] = native_dice(lesion_pv, meta, native_ref)
     return PreprocessedCase(str(row["subject_id"]), image, lesion_pv, ignore_pv,
                             brain.astype(np.uint8), affine, meta, native=native_ref)
 
@@ -485,6 +488,6 @@ def preprocess_cohort(manifest: pd.DataFrame, cache_dir: str | Path,
         raise DataError(cache_dir, f"{len(failed)} of {len(table)} cases failed preprocessing "
                                    f"(the others are saved):\n{lines}")
     keep = ["subject_id", "status", "error", "brain_ml", "lesion_ml", "lesion_ml_grid",
-            "ignore_ml", "reference_empty", "load_pct", "brain_mask_source",
+            "ignore_ml", "reference_empty", "roundtrip_dice", "load_pct", "brain_mask_source",
             "brain_outside_grid_fraction"]
     return table[[c for c in keep if c in table.columns]]
