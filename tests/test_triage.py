@@ -224,3 +224,111 @@ def test_cli_exit_codes(smoke_bundle, bids_input, tmp_path, capsys):
     code = cli.main(["triage", "-", str(out), "participant", "--model",
                      str(tmp_path / "nothing")])
     assert code == 2 and "not a wmhqc model bundle" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the out-of-distribution check on scans a WMH model was never meant to see
+
+
+def _features(flair: np.ndarray, t1: np.ndarray, affine: np.ndarray, tmp: Path,
+              settings) -> dict:
+    from wmhqc_lib.preprocess import preprocess_scan
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(flair.astype(np.float32), affine), tmp / "f.nii.gz")
+    nib.save(nib.Nifti1Image(t1.astype(np.float32), affine), tmp / "t.nii.gz")
+    case = preprocess_scan("x", tmp / "f.nii.gz", tmp / "t.nii.gz", settings)
+    assert not case.lesion.any() and case.native is None  # no annotation on the QC path
+    return case.meta["image_features"]
+
+
+def test_foreign_scans_are_out_of_distribution_and_a_normal_one_is_not(smoke_bundle,
+                                                                      smoke_manifest,
+                                                                      tmp_path):
+    ranges = smoke_bundle.info["feature_ranges"]
+    settings = smoke_bundle.preprocess_settings
+    row = smoke_manifest.iloc[4]
+    flair_img, t1_img = nib.load(row["flair"]), nib.load(row["t1"])
+    flair = np.asarray(flair_img.dataobj, dtype=np.float32)
+    t1 = np.asarray(nib.load(row["t1"]).dataobj, dtype=np.float32)
+    if t1.shape != flair.shape:  # resample the T1 onto the FLAIR grid for these edits
+        from nilearn.image import resample_to_img
+
+        t1 = np.asarray(resample_to_img(t1_img, flair_img, force_resample=True,
+                                        copy_header=True).dataobj, dtype=np.float32)
+    affine = flair_img.affine
+    normal = _features(flair, t1, affine, tmp_path / "normal", settings)
+    assert triage.out_of_distribution(normal, ranges) == []
+    # a header that claims the wrong axes: world x <- z, y <- x, z <- y
+    swapped = affine[[2, 0, 1, 3]]
+    reasons = triage.out_of_distribution(
+        _features(flair, t1, swapped, tmp_path / "swap", settings), ranges)
+    assert any("extent" in r for r in reasons), reasons
+    # a large bright artefact
+    from wmhqc_lib.synth import add_bright_artefact
+
+    bright = add_bright_artefact(flair, affine, np.random.default_rng(1))
+    reasons = triage.out_of_distribution(
+        _features(bright, t1, affine, tmp_path / "bright", settings), ranges)
+    assert any("flair_bright_fraction" in r for r in reasons), reasons
+    # another body part: a long smooth cylinder (a limb), no brain anatomy
+    grid = np.indices(flair.shape).astype(np.float32)
+    centre = np.array(flair.shape, dtype=np.float32)[:, None, None, None] / 2
+    radius = np.sqrt(((grid[:2] - centre[:2]) ** 2).sum(axis=0))
+    limb = np.where(radius < min(flair.shape[:2]) / 5, 100.0 + grid[2], 0.0)
+    reasons = triage.out_of_distribution(
+        _features(limb, limb * 0.5 + 10.0 * (radius < min(flair.shape[:2]) / 5), affine,
+                  tmp_path / "limb", settings), ranges)
+    assert reasons, "a cylinder passed as a brain"
+    # sheared voxel axes are flagged by rule
+    assert any("sheared" in r for r in triage.out_of_distribution(
+        {**normal, "axis_skew_deg": 5.0}, ranges))
+
+
+def test_new_synthetic_scans_are_bids_with_the_truth_kept_apart(smoke_profile, tmp_path):
+    from wmhqc_lib import synth
+
+    with pytest.raises(ValueError, match="study's own"):
+        synth.generate_new_scans(tmp_path / "a", tmp_path / "t", smoke_profile,
+                                 smoke_profile.seed, n_known=1, n_unseen=0, n_artefact=0)
+    table = synth.generate_new_scans(tmp_path / "bids", tmp_path / "truth", smoke_profile,
+                                     smoke_profile.seed + 1, n_known=1, n_unseen=1,
+                                     n_artefact=1)
+    assert list(table["kind"]) == ["known_site", "unseen_site", "artefact"]
+    assert table.loc[1, "site"] == synth.UNSEEN_SITE.site
+    scans = triage.discover_bids(tmp_path / "bids")
+    assert [s.prefix for s in scans] == ["sub-01", "sub-02", "sub-03"]
+    assert all(not s.problem for s in scans)
+    assert not list((tmp_path / "bids").rglob("*mask*"))  # no truth where triage reads
+    for row in table.itertuples():
+        truth = nib.load(row.truth)
+        flair = nib.load(tmp_path / "bids" / row.participant_id / "anat"
+                         / f"{row.participant_id}_FLAIR.nii.gz")
+        assert truth.shape == flair.shape and np.allclose(truth.affine, flair.affine)
+    again = synth.generate_new_scans(tmp_path / "bids2", tmp_path / "truth2", smoke_profile,
+                                     smoke_profile.seed + 1, n_known=1, n_unseen=1,
+                                     n_artefact=1)
+    a = np.asarray(nib.load(tmp_path / "bids/sub-02/anat/sub-02_FLAIR.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "bids2/sub-02/anat/sub-02_FLAIR.nii.gz").dataobj)
+    assert np.array_equal(a, b) and again["lesion_ml"].tolist() == table["lesion_ml"].tolist()
+
+
+def test_realised_operating_point_against_known_truth(triaged, bids_input, tmp_path):
+    """Scoring triage against truth masks: the triage mask itself as truth gives Dice 1."""
+    _, out = triaged
+    record = json.loads((out / "sub-01/anat/sub-01_desc-wmhqc_qc.json").read_text())
+    truth = pd.DataFrame({"participant_id": ["sub-01"], "kind": ["known_site"],
+                          "truth": [str(out / record["files"]["mask"])]})
+    scored, summary = triage.score_against_truth(out, truth, 0.5)
+    assert scored["true_dice"].iloc[0] == pytest.approx(1.0)  # (1 for two empty masks too)
+    assert summary["n_scans"] == 1 and summary["n_failed"] == 0
+    empty = tmp_path / "empty.nii.gz"
+    mask = nib.load(truth["truth"].iloc[0])
+    nib.save(nib.Nifti1Image(np.zeros(mask.shape, np.uint8), mask.affine), empty)
+    scored, summary = triage.score_against_truth(out, truth.assign(truth=str(empty)), 0.5)
+    card = {"test_operating_point": {k: {"estimate": 0.5, "low": 0.4, "high": 0.6} for k in
+                                     ("precision", "recall", "review_fraction")}
+            | {"n_cases": 10, "n_failed": 5, "n_flagged": 5}}
+    table = triage.promise_vs_realised(card, scored)
+    assert table.loc["n_scans", "realised: all new scans"] == 1
+    assert table.loc["precision", "promised (study test folds, 95 % CI)"] == "0.50 [0.40, 0.60]"

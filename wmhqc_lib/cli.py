@@ -198,11 +198,9 @@ def cmd_triage(args: argparse.Namespace) -> int:
     summary = triage.run_triage(model, scans, out, source=source, nprocs=args.nprocs,
                                 progress=not args.quiet)
     flagged = int(summary.table["flagged"].eq(True).sum())
-    mean_s = (sum(summary.seconds_per_scan) / len(summary.seconds_per_scan)
-              if summary.seconds_per_scan else float("nan"))
-    print(f"triaged {summary.n_ok} scan(s) ({mean_s:.1f} s per scan), {summary.n_error} "
-          f"error(s), {summary.n_skipped} already done; {flagged} flagged for review; "
-          f"{out / triage.GROUP_TSV}")
+    print(f"triaged {summary.n_ok} scan(s) ({summary.mean_seconds:.1f} s per scan), "
+          f"{summary.n_error} error(s), {summary.n_skipped} already done; {flagged} flagged "
+          f"for review; {out / triage.GROUP_TSV}")
     return summary.exit_code
 
 

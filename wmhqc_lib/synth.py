@@ -887,16 +887,20 @@ NEW_SCAN_KINDS = ("known_site", "unseen_site", "artefact")
 
 
 def add_bright_artefact(flair: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
-                        radius_mm: float = 35.0, level: float = 6.0) -> np.ndarray:
-    """A large, very bright sphere inside the head (a susceptibility or spike artefact that
-    no training scan had), ``level`` times the image's median brain-range intensity."""
+                        radius_mm: float = 35.0, level: float = 3.0) -> np.ndarray:
+    """A large, very bright sphere over the brain (a susceptibility or spike artefact that no
+    training scan had), ``level`` times the head's 99th intensity percentile. Its centre is drawn
+    in the middle half of the head's bounding box, so it lies on brain tissue."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    head = flair > np.percentile(flair, 60)
+    idx = np.argwhere(head)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    middle = np.all((idx >= lo + (hi - lo) / 4) & (idx <= hi - (hi - lo) / 4), axis=1)
+    centre = idx[middle][rng.integers(int(middle.sum()))] * zooms
     coords = np.indices(flair.shape).reshape(3, -1).T * zooms
-    head = np.argwhere(flair > np.percentile(flair, 60))
-    centre = head[rng.integers(len(head))] * zooms
     inside = (np.linalg.norm(coords - centre, axis=1) <= radius_mm).reshape(flair.shape)
     out = flair.astype(np.float32)
-    out[inside] = level * float(np.median(flair[flair > np.percentile(flair, 60)]))
+    out[inside] = level * float(np.percentile(flair[head], 99))
     return out.astype(flair.dtype) if np.issubdtype(flair.dtype, np.integer) else out
 
 

@@ -45,8 +45,8 @@ OUTPUT_SUFFIXES = {
     "error": "space-orig_desc-signed_recerror.nii.gz",
 }
 RECORD_SUFFIX = "desc-wmhqc_qc.json"
-BIDSIGNORE = ("*_uncertainty.nii.gz", "*_recerror.nii.gz", "*_qc.json", "*.html",
-              "group_qc.tsv", "group_qc.json", "logs/")
+BIDSIGNORE = ("*_uncertainty.nii.gz", "*_uncertainty.json", "*_recerror.nii.gz",
+              "*_recerror.json", "*_qc.json", "*.html", "group_qc.tsv", "logs/")
 _LABEL = re.compile(r"[^A-Za-z0-9]")
 
 
@@ -229,12 +229,21 @@ class ScanResult:
     case: object = None
 
 
+def scan_seed(bundle: Bundle, subject_id: str, fold: int) -> int:
+    """The MC-dropout seed of one scan and fold model: the same scan gets the same samples
+    whatever else is triaged, and in whatever order."""
+    import zlib
+
+    return zlib.crc32(f"{bundle.info['seed']}|{fold}|{subject_id}".encode())
+
+
 def _fold_scores(bundle: Bundle, fm: FoldModels, case) -> tuple[dict, dict]:
     """One fold model's scores of a case, and its maps (mean, entropy, signed error)."""
     from . import regression as rg
     from .reconstruction import FLAIR, QCImage, error_maps, error_scores
-    from .uncertainty import mc_samples, qc_scores, uncertainty_maps
+    from .uncertainty import mc_samples, qc_scores, reseed, uncertainty_maps
 
+    reseed(fm.mc, scan_seed(bundle, case.subject_id, fm.fold))
     vox_ml = float(np.prod(bundle.info["preprocess"]["voxel_mm"])) / 1000.0
     maps = uncertainty_maps(mc_samples(fm.mc, case.image, bundle.info["mc"]["samples"],
                                        bundle.info["mc"]["batch"]))
@@ -303,6 +312,10 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _as_uri(source: str) -> str:
+    return Path(source).resolve().as_uri() if source and "://" not in source else source
+
+
 def write_dataset_description(out_dir: Path, bundle: Bundle, source: str) -> None:
     """``dataset_description.json`` of the derivative dataset, and its ``.bidsignore``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +324,8 @@ def write_dataset_description(out_dir: Path, bundle: Bundle, source: str) -> Non
             "GeneratedBy": [{"Name": "wmhqc", "Version": bundle.info["generated_by"]["version"],
                              "Description": f"QC bundle of profile {bundle.info['profile']}, "
                                             f"score {bundle.score.label}"}],
-            "SourceDatasets": [{"URL": source}]}
+            "SourceDatasets": [{"URL": _as_uri(source)}],
+            "DatasetLinks": {"raw": _as_uri(source)}}
     _atomic_json(out_dir / "dataset_description.json", desc)
     (out_dir / ".bidsignore").write_text("\n".join(BIDSIGNORE) + "\n")
 
@@ -324,10 +338,18 @@ def read_record(out_dir: Path, scan: Scan) -> dict | None:
         return None
 
 
-def _sidecar(source: str, kind: str) -> dict:
-    base = {"Sources": [f"bids:raw:{source}"] if not os.path.isabs(source) else [source],
-            "Description": kind}
-    return base
+def _source_uri(scan: Scan) -> str:
+    """The input FLAIR as a BIDS URI (``bids:raw:sub-01/anat/...``) for BIDS input, else as a
+    file URI."""
+    if scan.source == Path(scan.source).as_posix() and not Path(scan.source).is_absolute() \
+            and scan.source.startswith("sub-"):
+        return f"bids:raw:{scan.source}"
+    return Path(scan.flair).resolve().as_uri()
+
+
+def _sidecar(scan: Scan, kind: str) -> dict:
+    uri = _source_uri(scan)
+    return {"Description": kind, "Sources": [uri], "SpatialReference": uri}
 
 
 def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) -> dict:
@@ -361,11 +383,9 @@ def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) ->
         img = nib.Nifti1Image(data, affine)
         img.set_data_dtype(np.uint8 if role == "mask" else np.float32)
         nib.save(img, staging / name)
-        sidecar = _sidecar(scan.source, descriptions[role])
+        sidecar = _sidecar(scan, descriptions[role])
         if role in ("mask", "probseg"):
             sidecar["Type"] = "Lesion"
-        if role == "mask":
-            sidecar["RawSources"] = sidecar["Sources"]
         (staging / name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=1))
     record = {"participant_id": f"sub-{scan.participant}",
               "session_id": f"ses-{scan.session}" if scan.session else "n/a",
@@ -448,6 +468,11 @@ class TriageSummary:
     seconds_per_scan: list[float]
 
     @property
+    def mean_seconds(self) -> float:
+        """Mean seconds per triaged scan this run (preprocessing included)."""
+        return float(np.mean(self.seconds_per_scan)) if self.seconds_per_scan else math.nan
+
+    @property
     def exit_code(self) -> int:
         """0 when at least one scan has a triage result, 1 when none has."""
         return 0 if self.n_ok + self.n_skipped > 0 else 1
@@ -524,3 +549,76 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
             pool.join()
     table = write_group(out_dir, bundle)
     return TriageSummary(table, n_ok, n_error, skipped, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the truth is known (synthetic new scans): what the flags achieved
+
+
+def score_against_truth(out_dir: str | Path, truth: pd.DataFrame, quality_threshold: float
+                        ) -> tuple[pd.DataFrame, dict]:
+    """Each triaged scan's true lesion Dice (its mask against ``truth['truth']``, both on the
+    input FLAIR's grid) and the realised precision, recall and review fraction of the flags.
+
+    ``truth`` has ``participant_id`` and ``truth`` (a mask path) per scan; only triage that
+    ran (status ok) is scored. Failure is Dice below ``quality_threshold``, as in the study.
+    """
+    import nibabel as nib
+
+    from .metrics import dice
+
+    out_dir = Path(out_dir)
+    table = group_table(out_dir)
+    table = table[table["status"] == "ok"].merge(truth, on="participant_id", how="inner")
+    rows = []
+    for row in table.itertuples():
+        record = json.loads((out_dir / row.record).read_text())
+        pred = np.asarray(nib.load(out_dir / record["files"]["mask"]).dataobj) > 0
+        ref = np.asarray(nib.load(row.truth).dataobj) > 0
+        if pred.shape != ref.shape:
+            raise ValueError(f"{row.truth}: grid {ref.shape} differs from the triage mask "
+                             f"{pred.shape}")
+        rows.append({"participant_id": row.participant_id, "true_dice": dice(pred, ref)})
+    scored = table.merge(pd.DataFrame(rows, columns=["participant_id", "true_dice"]),
+                         on="participant_id")
+    scored["failed"] = scored["true_dice"] < quality_threshold
+    return scored, realised(scored)
+
+
+def realised(scored: pd.DataFrame) -> dict:
+    """Precision, recall and review fraction of the flags on scans with known failure."""
+    flagged = scored["flagged"].astype(bool).to_numpy()
+    failed = scored["failed"].astype(bool).to_numpy()
+    tp = int((flagged & failed).sum())
+    return {
+        "n_scans": len(scored), "n_failed": int(failed.sum()), "n_flagged": int(flagged.sum()),
+        "precision": tp / flagged.sum() if flagged.any() else math.nan,
+        "recall": tp / failed.sum() if failed.any() else math.nan,
+        "review_fraction": float(flagged.mean()) if len(scored) else math.nan,
+    }
+
+
+def promise_vs_realised(card: dict, scored: pd.DataFrame, group: str = "kind") -> pd.DataFrame:
+    """The model card's test-fold operating point (with its interval) beside what the flags
+    achieved on the triaged scans, overall and per ``group`` (e.g. the kind of new scan)."""
+    op = card["test_operating_point"]
+
+    def promised(name: str) -> str:
+        d = op[name]
+        if d["estimate"] is None or not math.isfinite(d["estimate"]):
+            return "undefined"
+        return f"{d['estimate']:.2f} [{d['low']:.2f}, {d['high']:.2f}]"
+
+    columns = {"promised (study test folds, 95 % CI)": {
+        "precision": promised("precision"), "recall": promised("recall"),
+        "review_fraction": promised("review_fraction"), "n_scans": op["n_cases"],
+        "n_failed": op["n_failed"], "n_flagged": op["n_flagged"]}}
+    parts = [("realised: all new scans", scored)] + [
+        (f"realised: {name}", part) for name, part in scored.groupby(group, sort=False)]
+    for label, part in parts:
+        r = realised(part)
+        columns[label] = {k: (f"{v:.2f}" if isinstance(v, float) and math.isfinite(v)
+                              else ("undefined" if isinstance(v, float) else v))
+                          for k, v in r.items()}
+    order = ["precision", "recall", "review_fraction", "n_scans", "n_failed", "n_flagged"]
+    return pd.DataFrame(columns).loc[order]
