@@ -313,6 +313,10 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
         "flag_rule": "a scan is flagged when at least half of the fold models flag it, or when "
                      "it is unlike the training cohort",
         "test_operating_point": _operating_point(test, flagged, quality, n_boot, prof.seed),
+        "operating_point_note": "each test case flagged by the fold model that never saw it, "
+                                "with that fold's threshold; triage lets all fold models vote, "
+                                "which the study cannot test (each case is test data for one "
+                                "fold model only)",
         "failure_auroc": {k: float(boot.loc["failure_auroc", k]) for k in ("estimate", "low",
                                                                             "high")},
         "aurc": {k: float(boot.loc["aurc", k]) for k in ("estimate", "low", "high")},
@@ -359,7 +363,9 @@ def card_markdown(card: dict) -> str:
         f"- recall (failures flagged): {ci(op['recall'])}",
         f"- review fraction: {ci(op['review_fraction'])}",
         f"- failure AUROC: {ci(card['failure_auroc'])}", "",
-        "These are the study's test-fold figures; scans unlike its cohort carry no promise.", ""])
+        f"Each test case was flagged by the fold model that never saw it: "
+        f"{card['operating_point_note'].split('; ', 1)[1]}. These are the study's test-fold "
+        "figures; scans unlike its cohort carry no promise.", ""])
 
 
 # ---------------------------------------------------------------------------------------------
