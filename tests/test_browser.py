@@ -140,7 +140,7 @@ def test_every_page_loads_offline_without_errors(browser, served_book):
         counts[rel] = page.locator(".plotly-graph-div svg.main-svg").count()
         page.close()
     for chapter in ("01_data", "02_mc_unet", "03_uncertainty", "04_rec_unet",
-                    "05_dice_regression", "06_evaluation"):
+                    "05_dice_regression", "06_evaluation", "07_triage"):
         assert counts[f"notebooks/{chapter}.html"] >= 1, f"{chapter}: no plotly figure drawn"
 
 

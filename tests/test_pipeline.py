@@ -33,6 +33,10 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
     assert '"sliders"' in evaluation_page  # the static threshold explorer
     assert "Table 1" in evaluation_page and "synthetic cohort" in evaluation_page
     assert (html / "book" / "reproduction_notes.html").exists()
+    triage_page = (html / "notebooks" / "07_triage.html").read_text()
+    assert "promised (study test folds" in triage_page and "synthetic" in triage_page
+    assert "_static/triage/group_qc.html" in triage_page
+    assert (results / "triage" / "bundle" / "manifest.json").exists()
     methods = (html / "book" / "methods.html").read_text()
     assert "The evaluation framework" in methods and "03_uncertainty.html" in methods
     uncertainty_page = (html / "notebooks" / "03_uncertainty.html").read_text()

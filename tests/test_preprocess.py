@@ -328,3 +328,34 @@ def test_bad_case_is_reported_and_the_others_are_kept(tmp_path):
 def test_missing_cached_case_names_the_folder(tmp_path):
     with pytest.raises(DataError, match="preprocessed case missing"):
         preprocess.load_case(tmp_path, "nobody")
+
+
+def test_a_new_scan_is_preprocessed_exactly_as_the_study_cases(tmp_path):
+    """Triage reads no annotation, yet its input must be the study's input, bit for bit."""
+    row = write_case(tmp_path, "p5", flips=(-1, 1, 1), brain_given=False)
+    study = preprocess.preprocess_subject(row, SETTINGS)
+    scan = preprocess.preprocess_scan("p5", row["flair"], row["t1"], SETTINGS)
+    assert np.array_equal(scan.image, study.image)
+    assert np.array_equal(scan.brain, study.brain)
+    assert np.array_equal(scan.affine, study.affine)
+    assert scan.meta["image_features"] == study.meta["image_features"]
+    assert scan.meta["native_affine"] == study.meta["native_affine"]
+    assert not scan.lesion.any() and scan.native is None
+    with pytest.raises(DataError, match="file not found"):
+        preprocess.preprocess_scan("p5", tmp_path / "nothing.nii.gz", row["t1"], SETTINGS)
+
+
+def test_image_features_tell_noise_and_shear_from_anatomy(base_case):
+    row, case = base_case
+    feats = case.meta["image_features"]
+    assert set(feats) == set(preprocess.IMAGE_FEATURES)
+    assert feats["flair_smoothness"] > 0.5 and feats["axis_skew_deg"] < 1e-6
+    flair = nib.load(row["flair"])
+    brain = np.asarray(nib.load(row["brain_mask"]).dataobj) > 0
+    noise = np.random.default_rng(0).normal(100, 30, flair.shape)
+    noisy = preprocess.image_features(noise, noise[::-1], brain, flair.affine)
+    assert abs(noisy["flair_smoothness"]) < 0.1 and abs(noisy["flair_t1_correlation"]) < 0.1
+    sheared = flair.affine.copy()
+    sheared[0, 1] = 0.2 * sheared[1, 1]
+    skew = preprocess.image_features(np.asarray(flair.dataobj, float), noise, brain, sheared)
+    assert skew["axis_skew_deg"] > 5

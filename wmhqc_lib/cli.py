@@ -155,6 +155,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import bundle
+
+    out = bundle.export_study(args.results, args.out, profile=args.profile, score=args.score,
+                              folds=args.folds, overwrite=args.force)
+    card = out.card["test_operating_point"]
+    print(f"exported {len(out.folds)} fold(s) to {args.out}: score {out.score.label}, "
+          f"thresholds {[round(out.threshold(f), 4) for f in out.folds]}; on the study's test "
+          f"folds precision {card['precision']['estimate']:.2f}, recall "
+          f"{card['recall']['estimate']:.2f}, review fraction "
+          f"{card['review_fraction']['estimate']:.2f}")
+    return 0
+
+
+def cmd_triage(args: argparse.Namespace) -> int:
+    """The BIDS-App entry point; exit 0 when at least one scan was triaged, 1 when none was,
+    2 for unusable arguments, inputs or bundle."""
+    from . import bundle as bundle_mod
+    from . import triage
+
+    model = bundle_mod.load_bundle(args.model)
+    out = Path(args.output_dir)
+    if args.analysis_level == "group":
+        table = triage.write_group(out, model)
+        ok = int((table["status"] == "ok").sum())
+        print(f"group outputs rebuilt from {len(table)} scan record(s) in {out}")
+        return 0 if ok else 1
+    if args.flair or args.t1:
+        if not (args.flair and args.t1):
+            raise ValueError("single-scan mode needs both --flair and --t1")
+        scans = [triage.single_scan(args.flair, args.t1, args.participant_id)]
+        source = str(Path(args.flair).resolve().parent)
+    elif args.manifest:
+        scans = triage.scans_from_manifest(args.manifest)
+        source = str(Path(args.manifest).resolve())
+    else:
+        scans = triage.discover_bids(args.bids_dir, args.participant_label, args.session_label)
+        source = str(Path(args.bids_dir).resolve())
+    if not scans:
+        raise ValueError(f"{args.bids_dir}: no scan found to triage")
+    summary = triage.run_triage(model, scans, out, source=source, nprocs=args.nprocs,
+                                progress=not args.quiet)
+    flagged = int(summary.table["flagged"].eq(True).sum())
+    print(f"triaged {summary.n_ok} scan(s) ({summary.mean_seconds:.1f} s per scan), "
+          f"{summary.n_error} error(s), {summary.n_skipped} already done; {flagged} flagged "
+          f"for review; {out / triage.GROUP_TSV}")
+    return summary.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmhqc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +358,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a case fails when its Dice is below this (default 0.75)")
     p.add_argument("--dice-column", default="true_dice", help="default: true_dice")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a finished study as a QC model bundle",
+                       description="Copy every fold's networks, the preprocessing settings, the "
+                                   "QC score and each fold's validation-chosen threshold, and "
+                                   "a model card of the study's test-fold operating point into "
+                                   "a checksummed bundle for `wmhqc triage`.")
+    p.add_argument("--results", required=True, type=Path, help="results/<profile> of a run")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--profile", default=None, choices=PROFILE_NAMES,
+                   help="the run's profile (default: the results folder's name)")
+    p.add_argument("--score", default=None,
+                   help="QC score to carry (default: lowest AURC on pooled validation rows)")
+    p.add_argument("--folds", type=int, nargs="+", default=None,
+                   help="folds to export (default: every fold of the profile)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("triage", help="segment new scans and flag those to review (BIDS App)",
+                       description="BIDS-App usage: wmhqc triage BIDS_DIR OUTPUT_DIR "
+                                   "participant --model BUNDLE. Without BIDS: --manifest CSV "
+                                   "or --flair F --t1 T (BIDS_DIR is then ignored; pass -). "
+                                   "Writes a BIDS derivative dataset with group_qc.tsv. Exit "
+                                   "status 0 when at least one scan was triaged, 1 when none "
+                                   "was, 2 for unusable arguments, inputs or bundle.")
+    p.add_argument("bids_dir", help="BIDS dataset root (or - with --manifest/--flair)")
+    p.add_argument("output_dir", help="derivative dataset to write")
+    p.add_argument("analysis_level", choices=("participant", "group"))
+    p.add_argument("--model", required=True, help="bundle written by `wmhqc export`")
+    p.add_argument("--participant-label", "--participant_label", nargs="+", default=(),
+                   help="labels to triage (without sub-); default all")
+    p.add_argument("--session-label", "--session_label", nargs="+", default=(),
+                   help="sessions to triage (without ses-); default all")
+    p.add_argument("--manifest", default=None, help="CSV with subject_id, flair, t1 columns")
+    p.add_argument("--flair", default=None, help="one FLAIR (with --t1)")
+    p.add_argument("--t1", default=None, help="its T1")
+    p.add_argument("--participant-id", default="01", help="label for --flair/--t1 (default 01)")
+    p.add_argument("--nprocs", type=int, default=1, help="preprocessing worker processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_triage)
     return parser
 
 
@@ -316,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:  # BundleError too
         print(f"wmhqc: error: {exc}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,9 @@ from .config import Profile, load_profile
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 BOOK_FILES = ("_config.yml", "_toc.yml", "book")
+#: Where chapter 07 writes its triage output, relative to the results folder; its HTML
+#: reports are copied into the book's ``_static/triage``.
+TRIAGE_REPORTS = "triage/output"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ STEPS: list[Step] = [
     Step("04_rec_unet.ipynb", per_fold=True, depends=("03_uncertainty",)),
     Step("05_dice_regression.ipynb", per_fold=True, depends=("04_rec_unet",)),
     Step("06_evaluation.ipynb", depends=("05_dice_regression",)),
+    Step("07_triage.ipynb", depends=("05_dice_regression",)),
 ]
 
 
@@ -448,6 +452,13 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
     static.mkdir(exist_ok=True)
     shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
                  static / "plotly.min.js")
+    # the triage chapter's self-contained HTML reports, linked from its page
+    reports = cfg.results_dir / TRIAGE_REPORTS
+    shutil.rmtree(static / "triage", ignore_errors=True)
+    if reports.is_dir():
+        (static / "triage").mkdir()
+        for page in reports.glob("*.html"):
+            shutil.copy2(page, static / "triage" / page.name)
     return stage
 
 

@@ -287,3 +287,20 @@ def interactive_map(overlay: nib.Nifti1Image, background: nib.Nifti1Image, title
                              vmin=0.0, vmax=max(vmax, 1e-6), threshold=max(vmax, 1e-6) * 0.05,
                              cut_coords=_cut_coords(mask, background), title=title,
                              black_bg=True, dim=-0.3, colorbar=True, width_view=600)
+
+
+def triage_truth_figure(scored: pd.DataFrame, score_label: str, quality_threshold: float,
+                        title: str) -> go.Figure:
+    """Triaged new scans: QC score against the true lesion Dice the annotation gives, a
+    marker per kind of scan, flagged scans in red; the failure line is dashed."""
+    table = scored.assign(verdict=np.where(scored["flagged"].astype(bool), "flagged",
+                                           "passed"))
+    fig = px.scatter(table, x="qc_score", y="true_dice", color="verdict", symbol="kind",
+                     hover_data=["participant_id", "site", "predicted_dice", "reason"],
+                     color_discrete_map={"flagged": "#d62728", "passed": "#1f77b4"},
+                     labels={"qc_score": score_label, "true_dice": "true lesion Dice"},
+                     title=title)
+    fig.add_hline(y=quality_threshold, line_dash="dash",
+                  annotation_text=f"failure: Dice < {quality_threshold}")
+    fig.update_layout(height=420)
+    return fig

@@ -38,7 +38,7 @@ from .config import PreprocessSettings
 from .datasets import load_subject
 from .io import DataError, same_grid, voxel_size
 
-PREPROCESS_VERSION = 3
+PREPROCESS_VERSION = 4  # 4: image_features in meta (out-of-distribution check)
 CHANNELS = ("t1", "flair")
 
 
@@ -256,39 +256,51 @@ def cache_key(row: Mapping, settings: PreprocessSettings) -> str:
     return hashlib.sha1(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def preprocess_subject(row: Mapping, settings: PreprocessSettings) -> PreprocessedCase:
-    """Run every preprocessing step on one manifest row (see module docstring)."""
-    subject = load_subject(row)
-    native = subject.flair
-    flair = nib.as_closest_canonical(native)
-
-    def on_flair_grid(img: nib.Nifti1Image, interpolation: str) -> nib.Nifti1Image:
-        img = nib.as_closest_canonical(img)
-        if same_grid(img, flair):
-            return img
-        img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-        return resample_to_img(img, flair, interpolation=interpolation, force_resample=True,
-                               copy_header=True)
-
-    t1 = on_flair_grid(subject.t1, "linear")
-    lesion = on_flair_grid(subject.lesion, "nearest")
-    ignore = on_flair_grid(subject.ignore, "nearest") if subject.ignore is not None else None
+def _flair_grid_images(flair_native: nib.Nifti1Image, t1: nib.Nifti1Image,
+                       brain_mask: nib.Nifti1Image | None, flair_path: str
+                       ) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray, str]:
+    """The canonical FLAIR, the T1 on its grid and the native brain mask (given or computed)."""
+    flair = nib.as_closest_canonical(flair_native)
+    t1_img = on_flair_grid(t1, flair, "linear")
     flair_data = np.asarray(flair.dataobj, dtype=np.float32)
-    t1_data = np.asarray(t1.dataobj, dtype=np.float32)
-    vox = voxel_size(flair)
-    if subject.brain_mask is not None:
-        brain_native = np.asarray(on_flair_grid(subject.brain_mask, "nearest").dataobj) > 0.5
-        brain_source = "given"
+    t1_data = np.asarray(t1_img.dataobj, dtype=np.float32)
+    if brain_mask is not None:
+        brain_native = np.asarray(on_flair_grid(brain_mask, flair, "nearest").dataobj) > 0.5
+        source = "given"
     else:
-        brain_native = compute_brain_mask(flair_data, t1_data, vox)
-        brain_source = "computed"
+        brain_native = compute_brain_mask(flair_data, t1_data, voxel_size(flair))
+        source = "computed"
     if not brain_native.any():
-        raise DataError(row["flair"], "brain mask is empty")
-    voxel_ml = float(np.prod(vox)) / 1000.0
-    lesion_native = np.asarray(lesion.dataobj) > 0
-    lesion_native &= brain_native | lesion_native  # lesions outside a given mask still count
+        raise DataError(flair_path, "brain mask is empty")
+    return flair, flair_data, t1_data, brain_native, source
 
-    # crop to the brain's bounding box plus margin (array slicing: no interpolation)
+
+def on_flair_grid(img: nib.Nifti1Image, flair: nib.Nifti1Image, interpolation: str
+                  ) -> nib.Nifti1Image:
+    """``img`` in canonical orientation, resampled onto the canonical FLAIR grid if needed."""
+    img = nib.as_closest_canonical(img)
+    if same_grid(img, flair):
+        return img
+    img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    return resample_to_img(img, flair, interpolation=interpolation, force_resample=True,
+                           copy_header=True)
+
+
+@dataclass
+class _GridImages:
+    """The image part of a preprocessed case: what QC may see, and how to get back."""
+
+    image: np.ndarray
+    brain_pv: np.ndarray
+    affine: np.ndarray
+    meta: dict
+
+
+def _to_grid(flair: nib.Nifti1Image, native_affine: np.ndarray, native_shape: Sequence[int],
+             flair_data: np.ndarray, t1_data: np.ndarray, brain_native: np.ndarray,
+             brain_source: str, settings: PreprocessSettings) -> _GridImages:
+    """Crop to the brain, resample both channels onto the profile grid, normalise them."""
+    vox = voxel_size(flair)
     idx = np.argwhere(brain_native)
     margin = np.ceil(settings.crop_margin_mm / np.asarray(vox)).astype(int)
     lo = np.maximum(idx.min(axis=0) - margin, 0)
@@ -303,46 +315,148 @@ def preprocess_subject(row: Mapping, settings: PreprocessSettings) -> Preprocess
     centre_vox = (idx.min(axis=0) + idx.max(axis=0)) / 2.0
     affine = target_grid(nib.affines.apply_affine(flair.affine, centre_vox), settings)
     shape = settings.shape
-    ignore_native = np.zeros_like(lesion_native)
-    if ignore is not None:
-        ignore_native = (np.asarray(ignore.dataobj) > 0) & ~lesion_native
-    native_ref = NativeReference(lesion_native, ignore_native, flair.affine.copy())
     brain_pv = partial_volume(brain_native, flair.affine, affine, shape)
     brain = brain_pv >= 0.5
-    lesion_pv = partial_volume(lesion_native, flair.affine, affine, shape)
-    ignore_pv = np.minimum(partial_volume(ignore_native, flair.affine, affine, shape),
-                           1.0 - lesion_pv)
     channels = {"t1": t1_data, "flair": flair_data}
     image = np.stack([
         normalise(resample_to_grid(cropped(channels[c]), affine, shape, is_mask=False), brain,
                   settings.clip_percentiles)
         for c in CHANNELS
     ])
+    voxel_ml = float(np.prod(vox)) / 1000.0
     brain_ml = float(brain_native.sum()) * voxel_ml
     grid_ml = float(np.prod(settings.voxel_mm)) / 1000.0
     kept = float(brain_pv.sum(dtype=np.float64)) * grid_ml
     meta = {
-        "subject_id": str(row["subject_id"]),
-        "cache_key": cache_key(row, settings),
-        "native_flair": str(row["flair"]),
-        "native_affine": native.affine.tolist(),
-        "native_shape": list(native.shape[:3]),
+        "native_affine": np.asarray(native_affine).tolist(),
+        "native_shape": [int(n) for n in native_shape[:3]],
         "affine": affine.tolist(),
         "shape": list(shape),
         "brain_mask_source": brain_source,
         "brain_ml": brain_ml,
+        "brain_outside_grid_fraction": max(0.0, 1.0 - kept / brain_ml),
+        "image_features": image_features(flair_data, t1_data, brain_native, flair.affine),
+    }
+    return _GridImages(image, brain_pv, affine, meta)
+
+
+#: Image features stored per case (``meta["image_features"]``): a deployed model compares a new
+#: scan's features with the ranges of the cohort it was trained on (out-of-distribution check).
+IMAGE_FEATURES = ("brain_ml", "extent_x_mm", "extent_y_mm", "extent_z_mm", "brain_fill",
+                  "flair_t1_correlation", "flair_smoothness", "flair_bright_fraction",
+                  "voxel_max_mm", "axis_skew_deg")
+
+
+def image_features(flair: np.ndarray, t1: np.ndarray, brain: np.ndarray, affine: np.ndarray
+                   ) -> dict[str, float]:
+    """Summary statistics of one scan that tell a brain FLAIR like the training cohort's from
+    noise, another body part, a large artefact or a header whose orientation is wrong.
+
+    ``extent_*_mm``: the brain's size along the canonical (RAS) axes, so a header that swaps
+    axes moves them; ``brain_fill``: brain voxels / bounding-box voxels (shape);
+    ``flair_t1_correlation`` and ``flair_smoothness`` (correlation of neighbouring voxels along
+    the first axis) inside the brain are near 0 for noise; ``flair_bright_fraction``: share of
+    brain voxels brighter than the median + 5 interquartile ranges (a large bright artefact);
+    ``axis_skew_deg``: the largest departure of the voxel axes from right angles (shear).
+    """
+    brain = np.asarray(brain, dtype=bool)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    idx = np.argwhere(brain)
+    extent = (idx.max(axis=0) - idx.min(axis=0) + 1) * zooms
+    box = float(np.prod(idx.max(axis=0) - idx.min(axis=0) + 1))
+    f, t = flair[brain].astype(np.float64), t1[brain].astype(np.float64)
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        if a.size < 3 or a.std() == 0 or b.std() == 0:
+            return 0.0
+        return float(np.corrcoef(a, b)[0, 1])
+
+    pair = brain[1:] & brain[:-1]
+    q25, q50, q75 = np.percentile(f, [25, 50, 75])
+    axes = np.asarray(affine)[:3, :3] / zooms
+    cosines = np.abs(axes.T @ axes)[np.triu_indices(3, 1)]
+    return {
+        "brain_ml": float(brain.sum()) * float(np.prod(zooms)) / 1000.0,
+        "extent_x_mm": float(extent[0]), "extent_y_mm": float(extent[1]),
+        "extent_z_mm": float(extent[2]),
+        "brain_fill": float(brain.sum()) / box,
+        "flair_t1_correlation": corr(f, t),
+        "flair_smoothness": corr(flair[1:][pair].astype(np.float64),
+                                 flair[:-1][pair].astype(np.float64)),
+        "flair_bright_fraction": float(np.mean(f > q50 + 5.0 * max(q75 - q25, 1e-6))),
+        "voxel_max_mm": float(zooms.max()),
+        "axis_skew_deg": float(np.degrees(np.arcsin(np.clip(cosines.max(), 0.0, 1.0)))),
+    }
+
+
+def preprocess_subject(row: Mapping, settings: PreprocessSettings) -> PreprocessedCase:
+    """Run every preprocessing step on one manifest row (see module docstring)."""
+    subject = load_subject(row)
+    native = subject.flair
+    flair, flair_data, t1_data, brain_native, brain_source = _flair_grid_images(
+        native, subject.t1, subject.brain_mask, str(row["flair"]))
+    lesion = on_flair_grid(subject.lesion, flair, "nearest")
+    ignore = (on_flair_grid(subject.ignore, flair, "nearest") if subject.ignore is not None
+              else None)
+    vox = voxel_size(flair)
+    voxel_ml = float(np.prod(vox)) / 1000.0
+    lesion_native = np.asarray(lesion.dataobj) > 0
+    lesion_native &= brain_native | lesion_native  # lesions outside a given mask still count
+    grid = _to_grid(flair, native.affine, native.shape, flair_data, t1_data, brain_native,
+                    brain_source, settings)
+    affine, shape = grid.affine, settings.shape
+    ignore_native = np.zeros_like(lesion_native)
+    if ignore is not None:
+        ignore_native = (np.asarray(ignore.dataobj) > 0) & ~lesion_native
+    native_ref = NativeReference(lesion_native, ignore_native, flair.affine.copy())
+    lesion_pv = partial_volume(lesion_native, flair.affine, affine, shape)
+    ignore_pv = np.minimum(partial_volume(ignore_native, flair.affine, affine, shape),
+                           1.0 - lesion_pv)
+    grid_ml = float(np.prod(settings.voxel_mm)) / 1000.0
+    brain_ml = grid.meta["brain_ml"]
+    meta = {
+        "subject_id": str(row["subject_id"]),
+        "cache_key": cache_key(row, settings),
+        "native_flair": str(row["flair"]),
+        **grid.meta,
         "lesion_ml": float(lesion_native.sum()) * voxel_ml,
         "lesion_ml_grid": float(lesion_pv.sum(dtype=np.float64)) * grid_ml,
         "ignore_ml": float(ignore_native.sum()) * voxel_ml,
         "reference_empty": not bool(lesion_native.any()),
         "load_pct": 100.0 * float(lesion_native.sum()) * voxel_ml / brain_ml,
-        "brain_outside_grid_fraction": max(0.0, 1.0 - kept / brain_ml),
     }
     # what the grid costs: the partial-volume reference used as a prediction, mapped back and
     # cut at 0.5, against the native reference (an empty reference scores 1)
     meta["roundtrip_dice"] = native_dice(lesion_pv, meta, native_ref)
-    return PreprocessedCase(str(row["subject_id"]), image, lesion_pv, ignore_pv,
-                            brain.astype(np.uint8), affine, meta, native=native_ref)
+    return PreprocessedCase(str(row["subject_id"]), grid.image, lesion_pv, ignore_pv,
+                            (grid.brain_pv >= 0.5).astype(np.uint8), affine, meta,
+                            native=native_ref)
+
+
+def preprocess_scan(subject_id: str, flair_path: str | Path, t1_path: str | Path,
+                    settings: PreprocessSettings, brain_mask_path: str | Path | None = None
+                    ) -> PreprocessedCase:
+    """Preprocess a new scan (no annotation) exactly as the study's cases were: the case's
+    lesion and ignore masks are empty and it has no native reference. Bad files raise
+    :class:`DataError` naming the file."""
+    from .io import check_overlap, load_mask, load_volume
+
+    flair_path, t1_path = str(flair_path), str(t1_path)
+    native = load_volume(flair_path)
+    t1 = load_volume(t1_path)
+    check_overlap(native, t1, t1_path, flair_path)
+    brain_mask = None
+    if brain_mask_path:
+        brain_mask = load_mask(brain_mask_path, (0, 1))
+        check_overlap(native, brain_mask, brain_mask_path, flair_path)
+    flair, flair_data, t1_data, brain_native, source = _flair_grid_images(
+        native, t1, brain_mask, flair_path)
+    grid = _to_grid(flair, native.affine, native.shape, flair_data, t1_data, brain_native,
+                    source, settings)
+    meta = {"subject_id": subject_id, "native_flair": flair_path, **grid.meta}
+    zeros = np.zeros(settings.shape, dtype=np.float32)
+    return PreprocessedCase(subject_id, grid.image, zeros, zeros.copy(),
+                            (grid.brain_pv >= 0.5).astype(np.uint8), grid.affine, meta)
 
 
 def map_to_native(volume: np.ndarray, case: PreprocessedCase | Mapping, *,

@@ -717,6 +717,48 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, str(path))
 
 
+@dataclass
+class Acquisition:
+    """One simulated scan of a subject: FLAIR and T1 with their affines, the soft lesion
+    fraction and the label mask (1 lesion, 2 other pathology) on the FLAIR grid."""
+
+    pose: Pose
+    flair_grid: Grid
+    flair: np.ndarray
+    t1: np.ndarray
+    flair_affine: np.ndarray
+    t1_affine: np.ndarray
+    soft: np.ndarray
+    mask: np.ndarray
+
+
+def acquire_timepoint(anat: SubjectAnatomy, site: SiteSpec, settings: SynthSettings,
+                      rng: np.random.Generator, contrast: float, noise_scale: float,
+                      ghost: float) -> Acquisition:
+    """Place the head, choose the grids and simulate the site's FLAIR and T1 acquisitions."""
+    pose = Pose.random(anat, rng)
+    flair_grid = fit_grid(site.flair, settings.working_mm, settings.voxel_scale)
+    t1_grid = fit_grid(site.t1, settings.working_mm, settings.voxel_scale) if site.t1 \
+        else flair_grid
+    flair_aff = native_affine(flair_grid, rng)
+    t1_aff = native_affine(t1_grid, rng) if site.t1 else flair_aff
+
+    relative = relative_contrast_map(anat)
+    flair_clean = sample_to_grid(tissue_image(anat, FLAIR_TISSUE, contrast, rng, relative),
+                                 anat, pose, flair_aff, flair_grid, blur=True)
+    t1_clean = sample_to_grid(tissue_image(anat, T1_TISSUE, contrast, rng, relative), anat,
+                              pose, t1_aff, t1_grid, blur=True)
+    flair = acquire(flair_clean, site, flair_grid, noise_scale, rng, ghosting=ghost)
+    t1 = acquire(t1_clean, site, t1_grid, noise_scale, rng)
+    soft = sample_to_grid(anat.lesion_soft, anat, pose, flair_aff, flair_grid, blur=False)
+    mask = (soft > 0.5).astype(np.uint8)
+    if anat.other.any():
+        other = sample_to_grid(anat.other.astype(np.float32), anat, pose, flair_aff,
+                               flair_grid, blur=False) > 0.5
+        mask[other] = 2
+    return Acquisition(pose, flair_grid, flair, t1, flair_aff, t1_aff, soft, mask)
+
+
 def generate_subject(plan: SubjectPlan, settings: SynthSettings, seed: int, root: Path) -> dict:
     """Simulate one subject and write its files in its dataset's native layout."""
     rng = np.random.default_rng([seed, 1, plan.index])
@@ -733,26 +775,10 @@ def generate_subject(plan: SubjectPlan, settings: SynthSettings, seed: int, root
     for tp in range(1, timepoints + 1):
         if tp > 1:  # follow-up: lesions evolve a little, new head position
             grow_follow_up(anat, rng)
-        pose = Pose.random(anat, rng)
-        flair_grid = fit_grid(site.flair, settings.working_mm, settings.voxel_scale)
-        t1_grid = fit_grid(site.t1, settings.working_mm, settings.voxel_scale) if site.t1 \
-            else flair_grid
-        flair_aff = native_affine(flair_grid, rng)
-        t1_aff = native_affine(t1_grid, rng) if site.t1 else flair_aff
-
-        relative = relative_contrast_map(anat)
-        flair_clean = sample_to_grid(tissue_image(anat, FLAIR_TISSUE, contrast, rng, relative),
-                                     anat, pose, flair_aff, flair_grid, blur=True)
-        t1_clean = sample_to_grid(tissue_image(anat, T1_TISSUE, contrast, rng, relative), anat,
-                                  pose, t1_aff, t1_grid, blur=True)
-        flair = acquire(flair_clean, site, flair_grid, noise_scale, rng, ghosting=ghost)
-        t1 = acquire(t1_clean, site, t1_grid, noise_scale, rng)
-        soft = sample_to_grid(anat.lesion_soft, anat, pose, flair_aff, flair_grid, blur=False)
-        mask = (soft > 0.5).astype(np.uint8)
-        if anat.other.any():
-            other = sample_to_grid(anat.other.astype(np.float32), anat, pose, flair_aff,
-                                   flair_grid, blur=False) > 0.5
-            mask[other] = 2
+        acq = acquire_timepoint(anat, site, settings, rng, contrast, noise_scale, ghost)
+        flair, t1, flair_aff, t1_aff, soft, mask = (acq.flair, acq.t1, acq.flair_affine,
+                                                    acq.t1_affine, acq.soft, acq.mask)
+        pose, flair_grid = acq.pose, acq.flair_grid
 
         tp_id = f"{tp:02d}"
         paths = layout_paths(site.dataset, ds_root, site.site, plan.local_id, timepoint=tp_id)
@@ -846,3 +872,82 @@ def is_synthetic_root(root: str | Path) -> bool:
     """True when ``root`` (or its parent) carries the synthetic-cohort marker."""
     root = Path(root)
     return (root / MARKER_FILE).exists() or (root.parent / MARKER_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# New scans for triage: another seed, a site the study never saw, an artefact
+
+
+#: A simulated scanner with no counterpart in the study: thick 1.5T slices, more noise and
+#: bias, fainter lesions. Triage on it shows what a deployed QC model does off its cohort.
+UNSEEN_SITE = SiteSpec("unseen", "NewSite15T", "1.5T, 5 mm slices (simulated, not in the paper)",
+                       0, Grid((1.00, 1.00, 5.00), (230, 256, 30), ("R", "A", "S")), None,
+                       400.0, 0.045, 0.30, 0.80, False)
+NEW_SCAN_KINDS = ("known_site", "unseen_site", "artefact")
+
+
+def add_bright_artefact(flair: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
+                        radius_mm: float = 35.0, level: float = 3.0) -> np.ndarray:
+    """A large, very bright sphere over the brain (a susceptibility or spike artefact that no
+    training scan had), ``level`` times the head's 99th intensity percentile. Its centre is drawn
+    in the middle half of the head's bounding box, so it lies on brain tissue."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    head = flair > np.percentile(flair, 60)
+    idx = np.argwhere(head)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    middle = np.all((idx >= lo + (hi - lo) / 4) & (idx <= hi - (hi - lo) / 4), axis=1)
+    centre = idx[middle][rng.integers(int(middle.sum()))] * zooms
+    coords = np.indices(flair.shape).reshape(3, -1).T * zooms
+    inside = (np.linalg.norm(coords - centre, axis=1) <= radius_mm).reshape(flair.shape)
+    out = flair.astype(np.float32)
+    out[inside] = level * float(np.percentile(flair[head], 99))
+    return out.astype(flair.dtype) if np.issubdtype(flair.dtype, np.integer) else out
+
+
+def generate_new_scans(out: str | Path, truth_dir: str | Path, profile: Profile, seed: int, *,
+                       n_known: int, n_unseen: int, n_artefact: int) -> pd.DataFrame:
+    """New synthetic scans as a BIDS raw dataset under ``out`` (``sub-NN/anat/sub-NN_FLAIR``
+    and ``_T1w``), for triage; their lesion masks go to ``truth_dir`` (never into the dataset
+    triage reads). ``n_known`` subjects come from the study's sites (planned with ``seed``, not
+    the study's), ``n_unseen`` from :data:`UNSEEN_SITE`, ``n_artefact`` from the study's sites
+    with :func:`add_bright_artefact` on the FLAIR. Returns one row per scan: label, kind, site,
+    truth mask path, simulated lesion ml."""
+    out, truth_dir = Path(out), Path(truth_dir)
+    if seed == profile.seed:
+        raise ValueError(f"seed {seed} is the study's own: new scans need another seed")
+    settings = profile.synth
+    plans = plan_cohort(settings, seed)
+    rng = np.random.default_rng([seed, 7])
+    picked = [plans[i] for i in rng.permutation(len(plans))[:n_known + n_unseen + n_artefact]]
+    kinds = (["known_site"] * n_known + ["unseen_site"] * n_unseen
+             + ["artefact"] * n_artefact)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset_description.json").write_text(json.dumps({
+        "Name": f"wmhqc synthetic new scans (seed {seed})", "BIDSVersion": "1.9.0",
+        "DatasetType": "raw", "License": "CC0",
+        "GeneratedBy": [{"Name": "wmhqc synth", "Version": str(GENERATOR_VERSION)}]}, indent=1))
+    rows = []
+    for k, (plan, kind) in enumerate(zip(picked, kinds, strict=True)):
+        label = f"{k + 1:02d}"
+        site = UNSEEN_SITE if kind == "unseen_site" else _site(plan)
+        sub_rng = np.random.default_rng([seed, 2, k])
+        anat = simulate_anatomy(plan, settings, sub_rng, site.ms_lesions)
+        acq = acquire_timepoint(anat, site, settings, sub_rng, subject_contrast_scale(plan)
+                                * (site.lesion_contrast / _site(plan).lesion_contrast),
+                                3.0 if plan.high_noise else 1.0, 0.0)
+        flair = acq.flair
+        if kind == "artefact":
+            flair = add_bright_artefact(flair, acq.flair_affine, sub_rng)
+        folder = out / f"sub-{label}" / "anat"
+        _save(flair, acq.flair_affine, folder / f"sub-{label}_FLAIR.nii.gz")
+        _save(acq.t1, acq.t1_affine, folder / f"sub-{label}_T1w.nii.gz")
+        truth = truth_dir / f"sub-{label}_label-WMH_mask.nii.gz"
+        _save((acq.mask == 1).astype(np.uint8), acq.flair_affine, truth)
+        voxel_ml = float(abs(np.linalg.det(acq.flair_affine[:3, :3]))) / 1000.0
+        rows.append({"participant_id": f"sub-{label}", "kind": kind,
+                     "dataset": site.dataset, "site": site.site, "truth": str(truth),
+                     "lesion_ml": float((acq.mask == 1).sum()) * voxel_ml,
+                     "synthetic": True})
+    table = pd.DataFrame(rows)
+    table.to_csv(truth_dir / "new_scans.csv", index=False)
+    return table

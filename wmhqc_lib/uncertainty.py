@@ -125,6 +125,16 @@ def mc_samples_naive(model: keras.Model, image: np.ndarray, n_samples: int) -> n
     return np.stack([model.predict(x, verbose=0)[0, ..., 0] for _ in range(n_samples)])
 
 
+def reseed(model: keras.Model, seed: int) -> None:
+    """Set every MC dropout layer of ``model`` to a random state given by ``seed``, so the
+    samples of a case do not depend on which cases were sampled before it (triage)."""
+    layers_ = [layer for layer in model._flatten_layers(include_self=False)
+               if isinstance(layer, MCDropout)]
+    for k, layer in enumerate(layers_):
+        state = layer.seed_generator.state
+        state.assign(np.array([seed % 2**32, k], dtype=state.dtype))
+
+
 def binary_entropy(p: np.ndarray) -> np.ndarray:
     """Entropy in bits of a Bernoulli probability map (1 at p = 0.5, 0 at p in {0, 1})."""
     p = np.clip(np.asarray(p, dtype=np.float64), ENTROPY_EPS, 1.0 - ENTROPY_EPS)
