@@ -274,3 +274,44 @@ def test_out_of_fold_inputs_train_on_maps_from_networks_that_never_saw_the_case(
             assert cases.loc[scored, column].notna().all(), column
     side = regression.input_sources_side_by_side(cases, 0.5, main_source="out_of_fold")
     assert set(side["inputs"]) == {"in_sample", "out_of_fold"}
+
+
+def test_book_pages_show_no_path_of_the_building_machine(smoke_run, smoke_cohort):
+    """The same book built in two folders is the same book: no page names the repository,
+    the results folder or the data root by its absolute path."""
+    _, results = smoke_run
+    html = results / "book" / "_build" / "html"
+    machine = {str(pipeline.REPO_ROOT.resolve()), str(Path(results).resolve()),
+               str(Path(smoke_cohort).resolve())}
+    pages = list(html.rglob("*.html"))
+    assert len(pages) > 10
+    for page in pages:
+        text = page.read_text(errors="replace")
+        for path in machine:
+            assert path not in text, f"{page.relative_to(html)} shows {path}"
+    params = (html / "notebooks" / "01_data.html").read_text()
+    assert "&lt;results&gt;" in params or "<results>" in params
+
+
+def test_evaluation_tables_ship_with_the_book_as_csv(smoke_run):
+    _, results = smoke_run
+    html = results / "book" / "_build" / "html"
+    page = (html / "notebooks" / "06_evaluation.html").read_text()
+    links = re.findall(r'href="(\.\./_static/data/[^"]+\.csv)"', page)
+    assert len(links) == 4
+    for link in links:
+        table = pd.read_csv(html / "notebooks" / link)
+        assert len(table) > 0
+    cases = pd.read_csv(html / "_static" / "data" / "cases_all_folds.csv")
+    assert {"subject_id", "fold", "split", "true_dice"} <= set(cases.columns)
+    assert not cases.astype(str).apply(lambda c: c.str.startswith("/")).any().any()
+
+
+def test_training_chapters_show_a_summary_and_the_log_keeps_the_epochs(smoke_run):
+    _, results = smoke_run
+    html = results / "book" / "_build" / "html" / "notebooks"
+    for chapter in ("02_mc_unet", "04_rec_unet", "05_dice_regression"):
+        page = (html / f"{chapter}.html").read_text()
+        assert not re.search(r"epoch \d+: loss", page), chapter
+    log = (results / "logs" / "02_mc_unet-fold1.log").read_text()
+    assert re.search(r"epoch 1: loss", log)

@@ -83,7 +83,7 @@ def run_out_of_fold(profile: Profile, results_dir: str | Path, fold: int,
 
     from .models import UNetConfig, build_mc_unet, build_rec_unet
     from .reconstruction import fit_rec_unet, model_tag, run_error_maps
-    from .training import fit_segmenter
+    from .training import fit_segmenter, log_progress
     from .uncertainty import run_mc_inference
 
     start = time.perf_counter()
@@ -105,8 +105,8 @@ def run_out_of_fold(profile: Profile, results_dir: str | Path, fold: int,
         train = [preprocess.load_case(cache, s) for s, j in split.items() if j != inner]
         seed = profile.seed + 1000 * fold + inner
         if progress:
-            print(f"fold {fold}, inner fold {inner}: networks trained on {len(train)} cases, "
-                  f"maps of {len(held)} held-out training cases", flush=True)
+            log_progress(f"fold {fold}, inner fold {inner}: networks trained on {len(train)} "
+                         f"cases, maps of {len(held)} held-out training cases")
         mc = fit_segmenter(lambda: build_mc_unet(None, mc_cfg), train, val_cases,
                            where.mc_unet, mc_section, seed, progress=False)
         held_cases = [preprocess.load_case(cache, s) for s in held]

@@ -29,6 +29,8 @@ BOOK_FILES = ("_config.yml", "_toc.yml", "book")
 #: Where chapter 07 writes its triage output, relative to the results folder; its HTML
 #: reports are copied into the book's ``_static/triage``.
 TRIAGE_REPORTS = "triage/output"
+#: Where chapter 06 writes its tables as CSV (copied into the book's ``_static/data``).
+EVALUATION_TABLES = "evaluation"
 
 
 @dataclass(frozen=True)
@@ -403,6 +405,39 @@ def recorded_results(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> li
     return rows
 
 
+def shown_path(path: str | Path, cfg: RunConfig) -> str:
+    """How the book shows a path of the building machine: relative to the repository when
+    inside it, else named by what it is, so the same book built in two folders is the same."""
+    path = Path(path).resolve()
+    for root, name in ((REPO_ROOT.resolve(), None), (cfg.results_dir.resolve(), "<results>")):
+        if path == root or root in path.parents:
+            rel = path.relative_to(root).as_posix()
+            return rel if name is None else f"{name}/{rel}".rstrip("/.")
+    if path == Path(cfg.data_root).resolve():
+        return "<data root>"
+    return f"<outside the repository>/{path.name}"
+
+
+def _hide_machine_paths(notebook: Path, cfg: RunConfig) -> None:
+    """Rewrite the injected-parameters cell of a staged notebook with :func:`shown_path`."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        if "injected-parameters" not in cell.metadata.get("tags", []):
+            continue
+        source = cell.source
+        for path in sorted({str(cfg.results_dir), str(cfg.data_root),
+                            str(Path(cfg.results_dir).resolve()),
+                            str(Path(cfg.data_root).resolve())}, key=len, reverse=True):
+            source = source.replace(path, shown_path(path, cfg))
+        changed |= source != cell.source
+        cell.source = source
+    if changed:
+        nbformat.write(nb, notebook)
+
+
 def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
     """Lay out the book sources with the executed notebooks in place of the templates.
 
@@ -442,6 +477,8 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
                 shutil.copy2(src, nb_dst / f"fold{fold}" / step.notebook)
                 extra_folds.setdefault(f"notebooks/{step.name}", []).append(
                     f"notebooks/fold{fold}/{step.name}")
+    for executed in nb_dst.rglob("*.ipynb"):
+        _hide_machine_paths(executed, cfg)
     toc = yaml.safe_load((stage / "_toc.yml").read_text())
     for part in toc.get("parts", [toc]):
         for chapter in part.get("chapters", []):
@@ -452,6 +489,13 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
     static.mkdir(exist_ok=True)
     shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
                  static / "plotly.min.js")
+    # the evaluation chapter's tables as CSV, linked from its page
+    tables = cfg.results_dir / EVALUATION_TABLES
+    shutil.rmtree(static / "data", ignore_errors=True)
+    if tables.is_dir():
+        (static / "data").mkdir()
+        for table in tables.glob("*.csv"):
+            shutil.copy2(table, static / "data" / table.name)
     # the triage chapter's self-contained HTML reports, linked from its page
     reports = cfg.results_dir / TRIAGE_REPORTS
     shutil.rmtree(static / "triage", ignore_errors=True)

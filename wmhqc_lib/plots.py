@@ -148,16 +148,19 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
     n_rows = len(rows)
     n_cols = max(len(v) for v in rows.values())
     # final axes positions before nilearn draws into them (a later tight_layout would move
-    # the axes but not nilearn's cut)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.4 * n_rows),
+    # the axes but not nilearn's cut); room above each row for its label, written across
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.7 * n_cols, 3.1 * n_rows),
                              squeeze=False, facecolor="black",
-                             gridspec_kw={"wspace": 0.03, "hspace": 0.12, "left": 0.04,
-                                          "right": 0.99, "top": 0.92, "bottom": 0.02})
+                             gridspec_kw={"wspace": 0.04, "hspace": 0.5, "left": 0.01,
+                                          "right": 0.99, "top": 0.87, "bottom": 0.02})
     for r, (name, panels) in enumerate(rows.items()):
         first_mask = next((p[2] for p in panels if p[3] == "contour" and p[2] is not None),
                           None)
         coords = _cut_coords(first_mask, panels[0][1])
         cut = coords["xyz".index(cut_axis)]
+        top = axes[r, 0].get_position().y1
+        fig.text(0.01, top + 0.45 / fig.get_figheight(), " ".join(str(name).split("\n")),
+                 fontsize=10, color="white", ha="left", va="bottom", fontweight="bold")
         for c, (panel_title, background, overlay, kind) in enumerate(panels):
             ax = axes[r, c]
             display = plotting.plot_anat(background, axes=ax, display_mode=cut_axis,
@@ -169,15 +172,12 @@ def plot_map_panels(rows: Mapping[str, Sequence[tuple[str, nib.Nifti1Image,
                 data = np.asarray(overlay.dataobj, dtype=np.float32)
                 vmax = float(np.percentile(data[data > 0], 99)) if np.any(data > 0) else 1.0
                 display.add_overlay(overlay, cmap="hot", vmin=0.0, vmax=max(vmax, 1e-6),
-                                    threshold=vmax * 0.05)
+                                    threshold=vmax * 0.05, colorbar=True)
             elif kind == "diverging" and overlay is not None:
                 vmax = diverging_limit(np.asarray(overlay.dataobj, dtype=np.float32))
                 display.add_overlay(overlay, cmap="RdBu_r", vmin=-vmax, vmax=vmax,
-                                    threshold=vmax * 0.05)
-            ax.set_title(panel_title if r == 0 else "", fontsize=9, color="white")
-            if c == 0:
-                ax.text(-0.03, 0.5, name, transform=ax.transAxes, rotation=90,
-                        va="center", ha="right", fontsize=7, color="white")
+                                    threshold=vmax * 0.05, colorbar=True)
+            ax.set_title(panel_title, fontsize=9, color="white")
     if title:
         fig.suptitle(title, color="white", y=0.995)
     return fig

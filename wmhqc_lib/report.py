@@ -7,6 +7,7 @@ each fold's validation rows and applied to its test rows (:mod:`wmhqc_lib.evalua
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -333,3 +334,41 @@ def per_fold_figure(evaluations: dict[str, ev.FoldEvaluation], metric: str,
                  title=f"{metric} per fold (validation-chosen thresholds){note}")
     fig.update_layout(height=380, margin={"t": 60})
     return fig
+
+
+#: The evaluation chapter's numbers, written as CSV beside the results (``evaluation/``) and
+#: shipped with the book (``_static/data``), so a reader can download what a figure shows.
+TABLE_FILES = {"cases": "cases_all_folds.csv", "table1_ours": "table1_ours.csv",
+               "table1_paper": "table1_paper.csv", "ranking": "ranking_test_pooled.csv"}
+
+
+def write_tables(results_dir: str | Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Write the named tables (keys of :data:`TABLE_FILES`) under ``results/<p>/evaluation``.
+
+    File paths inside a table (the per-case NIfTI columns) are made relative to the results
+    folder, so no path of the building machine leaves with the book."""
+    root = Path(results_dir).resolve()
+    folder = Path(results_dir) / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, table in tables.items():
+        table = table.copy()
+        for column in table.select_dtypes(include="object").columns:
+            values = table[column]
+            is_path = values.map(lambda v: isinstance(v, str) and os.path.isabs(v))
+            if is_path.any():
+                table[column] = values.where(~is_path, values.map(
+                    lambda v: os.path.relpath(v, root) if isinstance(v, str) else v))
+        path = folder / TABLE_FILES[name]
+        table.to_csv(path, index=table.index.name is not None or not isinstance(
+            table.index, pd.RangeIndex))
+        out[name] = path
+    return out
+
+
+def table_links(paths: dict[str, Path], prefix: str = "../_static/data/") -> str:
+    """Markdown links to the book's copies of :func:`write_tables`' files."""
+    labels = {"cases": "per-case table of all folds", "table1_ours": "Table 1, ours",
+              "table1_paper": "Table 1, the paper's", "ranking": "ranking with intervals"}
+    return "Download: " + ", ".join(f"[{labels[k]} (CSV)]({prefix}{p.name})"
+                                    for k, p in paths.items())

@@ -385,6 +385,7 @@ def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
     from . import regression as rg
     from .models import build_dice_regressor
     from .reconstruction import model_tag
+    from .training import log_progress
 
     section = profile.section("dice_regression")
     rec_section = profile.section("rec_unet")
@@ -472,8 +473,8 @@ def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
                 name = f"{variant}{suffix}"
                 n_pairs[name] = len(train.ids)
                 if progress:
-                    print(f"Dice regressor {rg.INPUT_LABELS[kind]}, {name}: "
-                          f"{len(train.ids)} training pairs", flush=True)
+                    log_progress(f"Dice regressor {rg.INPUT_LABELS[kind]}, {name}: "
+                                 f"{len(train.ids)} training pairs")
                 result = rg.fit_dice_regressor(build, train, val, paths.dr / name / kind,
                                                section, seed, steps=int(steps),
                                                progress=progress)

@@ -9,6 +9,7 @@ training on seeded, augmented patches; validation, and every Dice reported, on w
 from __future__ import annotations
 
 import json
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -277,11 +278,19 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         if self.progress:
             mark = " *" if improved else ""
             label = "val Dice" if self.score_name == "val_dice" else self.score_name
-            print(f"epoch {epoch + 1}: loss {row['loss']:.4f}  {label} {val:.3f}  "
-                  f"({seconds:.1f} s){mark}", flush=True)
+            log_progress(f"epoch {epoch + 1}: loss {row['loss']:.4f}  {label} {val:.3f}  "
+                         f"({seconds:.1f} s){mark}")
         if epoch + 1 - self.state.get("best_epoch", 0) >= self.patience:
             self.model.stop_training = True
             self.state["stopped_early"] = True
+
+
+def log_progress(line: str) -> None:
+    """A progress line for the run's log, not the page: the process's own stderr, which a
+    notebook kernel started by the pipeline writes to the step log (``logs/<step>.log``),
+    while the chapter shows one summary and the learning curve."""
+    stream = sys.__stderr__ or sys.stderr
+    print(line, file=stream, flush=True)
 
 
 def _write_state(folder: Path, state: dict) -> None:

@@ -302,8 +302,8 @@ def brain_figures(out_dir: Path, rec: dict) -> str:
     if flair_path and Path(flair_path).is_file():
         flair = nib.load(flair_path)
     else:
-        parts.append(f'<p class="note">Input FLAIR not found at {_esc(flair_path)}: maps are '
-                     "drawn without it.</p>")
+        parts.append(f'<p class="note">Input FLAIR {_esc(rec.get("source", ""))} not found '
+                     "where it was triaged: maps are drawn without it.</p>")
     try:
         mask = nib.load(out_dir / files["mask"])
         cuts = _cuts(mask) or (_cuts(flair) if flair is not None else None) or [0.0]
@@ -469,7 +469,7 @@ def _facts(rec: dict, bundle: Bundle) -> str:
             ("Predicted Dice", _predicted_text(rec)),
             ("Lesion volume", f"{_num(rec.get('lesion_ml'), '.1f')} ml"),
             ("Out of distribution", "yes" if rec.get("out_of_distribution") else "no"),
-            ("FLAIR", (rec.get("inputs") or {}).get("flair", "n/a")),
+            ("Input", rec.get("source", "n/a")),
             ("Triage time", f"{_num(rec.get('seconds'), '.1f')} s")]
     cells = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
     return f'<table class="facts">{cells}</table>'
