@@ -115,8 +115,8 @@ class PageWatch:
         page.route("**/*", route)
 
 
-def _open(browser, base: str, rel: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def _open(browser, base: str, rel: str, viewport: tuple[int, int] = (1280, 900)):
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     watch = PageWatch(page, base)
     page.goto(f"{base}/{rel}", wait_until="load")
     # plotly draws after load; wait until every figure div holds its SVG
@@ -186,4 +186,76 @@ def test_threshold_slider_changes_the_counts(browser, served_book):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "evaluation_page.png"), full_page=True)
     assert (ARTIFACTS / "evaluation_page.png").stat().st_size > 10_000
+    page.close()
+
+
+@pytest.mark.slow
+def test_both_sliders_recompute_the_counts_in_the_static_page(browser, served_book):
+    """The kernel-free explorer: the score slider changes what is flagged, the quality slider
+    changes what counts as failed, and the numbers match the library's for the same position."""
+    import json
+
+    import numpy as np
+
+    base, _ = served_book
+    page, watch = _open(browser, base, "notebooks/06_evaluation.html")
+    box = page.locator(".wmhqc-explorer").first
+    box.scroll_into_view_if_needed()
+    data = json.loads(box.locator("script[type='application/json']").text_content())
+
+    def shown() -> dict[str, str]:
+        return {k: box.locator(f"td[data-out={k}]").text_content()
+                for k in ("flagged", "failed", "caught", "precision", "recall", "review")}
+
+    def move(name: str, value: int) -> None:
+        box.locator(f"input[name={name}]").evaluate(
+            "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", value)
+
+    move("score", 0)
+    low = shown()
+    move("score", len(data["thresholds"]) - 1)
+    high = shown()
+    assert low["flagged"] != high["flagged"], (low, high)
+    move("quality", 0)
+    few = shown()["failed"]
+    move("quality", len(data["qualities"]) - 1)
+    many = shown()["failed"]
+    assert int(few) < int(many), (few, many)
+    # the page's numbers at one position against the library's definitions
+    middle = len(data["thresholds"]) // 2
+    move("score", middle)
+    t, q = data["thresholds"][middle], data["qualities"][-1]
+    score, dice = np.array(data["score"]), np.array(data["dice"])
+    flagged = score < t if data["higher"] else score > t
+    failed = dice < q
+    assert int(shown()["flagged"]) == int(flagged.sum())
+    assert int(shown()["caught"]) == int((flagged & failed).sum())
+    assert not watch.problems, watch.problems[:5]
+    page.close()
+
+
+@pytest.mark.slow
+def test_evaluation_page_content_fits_its_column(browser, served_book):
+    """No table, figure or explorer of the evaluation chapter is wider than the text column at
+    1400 x 1000 (collapsed blocks count only when opened: they are hidden until then)."""
+    base, _ = served_book
+    page, watch = _open(browser, base, "notebooks/06_evaluation.html", (1400, 1000))
+    column, wide = page.evaluate("""() => {
+      const col = document.querySelector('article.bd-article') || document.querySelector('main');
+      const width = col.getBoundingClientRect().width;
+      const wide = [];
+      for (const el of col.querySelectorAll(
+          'table, .plotly-graph-div, img, .wmhqc-explorer, .cell_output svg')) {
+        const box = el.getBoundingClientRect();
+        if (box.width === 0) continue;  // hidden (a collapsed block)
+        const w = Math.max(box.width, el.scrollWidth || 0);
+        if (w > width + 1) wide.push([el.tagName, Math.round(w)]);
+      }
+      return [width, wide];
+    }""")
+    assert column > 500, column
+    assert not wide, (column, wide)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "evaluation_1400x1000.png"))
+    assert not watch.problems, watch.problems[:5]
     page.close()

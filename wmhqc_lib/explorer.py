@@ -218,3 +218,94 @@ def view_threshold_explorer(cases: pd.DataFrame, score: str | QCScore, *,
     if interactive:
         return threshold_explorer_widget(cases, score, **options)
     return threshold_explorer_figure(cases, score, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both thresholds live in a static page
+
+
+_STATIC_SCRIPT = """
+(function () {
+  const root = document.getElementById("%(id)s");
+  const data = JSON.parse(root.querySelector("script[type='application/json']").textContent);
+  const s = root.querySelector("input[name=score]"), q = root.querySelector("input[name=quality]");
+  const out = (k) => root.querySelector("[data-out=" + k + "]");
+  const fmt = (v, d) => (v === null || !isFinite(v)) ? "n/a" : v.toFixed(d);
+  function update() {
+    const t = data.thresholds[+s.value], qt = data.qualities[+q.value];
+    let n = data.dice.length, flagged = 0, failed = 0, tp = 0, keptSum = 0, kept = 0;
+    for (let i = 0; i < n; i++) {
+      const f = data.higher ? data.score[i] < t : data.score[i] > t;
+      const bad = data.dice[i] < qt;
+      flagged += f; failed += bad; tp += f && bad;
+      if (!f) { kept++; keptSum += data.dice[i]; }
+    }
+    out("threshold").textContent = fmt(t, 4);
+    out("quality").textContent = fmt(qt, 2);
+    out("flagged").textContent = flagged;
+    out("failed").textContent = failed;
+    out("caught").textContent = tp;
+    out("missed").textContent = failed - tp;
+    out("needless").textContent = flagged - tp;
+    out("precision").textContent = fmt(flagged ? tp / flagged : NaN, 3);
+    out("recall").textContent = fmt(failed ? tp / failed : NaN, 3);
+    out("review").textContent = fmt(n ? flagged / n : NaN, 3);
+    out("after").textContent = fmt(kept ? keptSum / kept : NaN, 3);
+  }
+  s.addEventListener("input", update); q.addEventListener("input", update); update();
+})();
+"""
+
+
+def static_explorer_html(cases: pd.DataFrame, score: str | QCScore, *, threshold: float,
+                         quality_threshold: float = QUALITY_THRESHOLD,
+                         dice_column: str = DICE_COLUMN, title: str = "") -> str:
+    """Two sliders, the score threshold and the quality threshold (what counts as failed),
+    that recompute the counts, precision, recall, review fraction and mean Dice after
+    filtering in the browser from the per-case values embedded in the page: no kernel, no
+    network. The numbers follow :func:`wmhqc_lib.evaluation.evaluate_score` (a case is flagged
+    when its score is beyond the threshold, failed when its Dice is below the quality
+    threshold)."""
+    import hashlib
+    import json
+
+    spec = evaluation.resolve_score(score)
+    rows = cases[[spec.column, dice_column]].dropna()
+    values = np.sort(rows[spec.column].unique().astype(float))
+    # every distinct decision: flag none, between neighbours, flag all
+    mids = (values[:-1] + values[1:]) / 2 if len(values) > 1 else np.array([])
+    pad = max(float(np.ptp(values)), 1.0) * 1e-6 if len(values) else 1.0
+    thresholds = np.concatenate([[values[0] - pad] if len(values) else [0.0], mids,
+                                 [values[-1] + pad] if len(values) else []])
+    if not spec.higher_is_better:
+        thresholds = thresholds[::-1]
+    qualities = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    start = int(np.argmin(np.abs(thresholds - threshold)))
+    q_start = int(np.argmin(np.abs(qualities - quality_threshold)))
+    data = {"score": rows[spec.column].astype(float).round(6).tolist(),
+            "dice": rows[dice_column].astype(float).round(6).tolist(),
+            "higher": bool(spec.higher_is_better),
+            "thresholds": [round(float(t), 6) for t in thresholds],
+            "qualities": [float(v) for v in qualities]}
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    uid = "wmhqc-explorer-" + hashlib.sha256(
+        (payload + spec.column + title).encode()).hexdigest()[:10]
+    sign = "<" if spec.higher_is_better else ">"
+    cells = "".join(f'<td data-out="{k}"></td>' for k in (
+        "flagged", "failed", "caught", "missed", "needless", "precision", "recall", "review",
+        "after"))
+    return f"""<div id="{uid}" class="wmhqc-explorer" style="max-width:100%;overflow-x:auto">
+<p><strong>{html.escape(title)}</strong></p>
+<label>Flag when {html.escape(spec.label)} {sign} <span data-out="threshold"></span><br>
+<input type="range" name="score" min="0" max="{len(thresholds) - 1}" step="1" value="{start}"
+ style="width:min(100%,28em)"></label><br>
+<label>Failed when lesion Dice &lt; <span data-out="quality"></span><br>
+<input type="range" name="quality" min="0" max="{len(qualities) - 1}" step="1"
+ value="{q_start}" style="width:min(100%,28em)"></label>
+<table style="font-size:0.85em"><thead><tr><th>flagged</th><th>failed</th><th>caught</th>
+<th>missed</th><th>needless reviews</th><th>precision</th><th>recall</th>
+<th>review fraction</th><th>mean Dice after filtering</th></tr></thead>
+<tbody><tr>{cells}</tr></tbody></table>
+<script type="application/json">{payload}</script>
+<script>{_STATIC_SCRIPT % {"id": uid}}</script>
+</div>"""

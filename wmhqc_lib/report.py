@@ -88,6 +88,46 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
     return pd.DataFrame(rows).set_index("score")
 
 
+def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
+    """:func:`ranking_table` for reading: each metric with its interval in one column, so the
+    table fits the page (the numeric table stays available as CSV)."""
+    def cell(row: pd.Series, metric: str) -> str:
+        low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+        if row[metric] is None or not np.isfinite(row[metric]):
+            return "n/a"
+        if low is None or not (np.isfinite(low) and np.isfinite(high)):
+            return f"{row[metric]:.3f}"
+        return f"{row[metric]:.3f} [{low:.3f}, {high:.3f}]"
+
+    shown = {"failure AUROC": "failure_auroc", "AURC": "aurc", "e-AURC": "eaurc",
+             "normalised AURC": "norm_aurc", "Pearson r": "pearson_r"}
+    return pd.DataFrame({label: [cell(row, m) for _, row in ranking.iterrows()]
+                         for label, m in shown.items()}, index=ranking.index)
+
+
+def table1_at_a_glance(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 beside ours, one row per (QC score, metric), the mean over folds of
+    each: narrow enough for the page. Precision and recall appear twice, in the paper's
+    convention (its code computed TN/(TN+FP) and TN/(TN+FN)) and in the standard one
+    (positive = failed case), which the paper did not report."""
+    metrics = [("Pearson r", "pearson_r"), ("Dice after filtering (median)",
+                                             "median_dice_after"),
+               ("Precision, the paper's TN/(TN+FP)", "paper_precision"),
+               ("Recall, the paper's TN/(TN+FN)", "paper_recall"),
+               ("Precision, standard TP/(TP+FP)", "precision"),
+               ("Recall, standard TP/(TP+FN)", "recall"),
+               ("N failed segmentations identified", "n_flagged"), ("MAE", "mae")]
+    rows = []
+    for label in paper.columns.get_level_values(0).unique():
+        for name, metric in metrics:
+            theirs = paper[(label, "mean")].get(metric, np.nan) if (label, "mean") in paper \
+                else np.nan
+            mine = ours[(label, "mean")].get(metric, np.nan) if (label, "mean") in ours \
+                else np.nan
+            rows.append({"QC score": label, "metric": name, "paper": theirs, "ours": mine})
+    return pd.DataFrame(rows).set_index(["QC score", "metric"])
+
+
 def choose_score(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
                  dice_column: str = ev.DICE_COLUMN) -> tuple[ev.QCScore, pd.DataFrame]:
     """The score carried into the single-score tables, chosen without any test row.
@@ -241,22 +281,27 @@ def figure3_panels(cases: pd.DataFrame, note: str = "",
     for letter, spec in panels:
         r = pearsonr(test[spec.column], test[dice_column])[0] if len(test) > 2 else np.nan
         titles.append(f"({letter}) {spec.label}: r = {r:.2f}")
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, vertical_spacing=0.18)
     palette = px.colors.qualitative.Plotly
     for i, (_, spec) in enumerate(panels, start=1):
+        row, col = (i - 1) // cols + 1, (i - 1) % cols + 1
         for j, (fold, group) in enumerate(test.groupby("fold")):
             fig.add_trace(go.Scatter(x=group[spec.column], y=group[dice_column], mode="markers",
                                      name=f"fold {fold}", legendgroup=f"fold {fold}",
                                      showlegend=i == 1,
                                      marker={"color": palette[j % len(palette)], "size": 6},
-                                     text=group["subject_id"]), row=1, col=i)
+                                     text=group["subject_id"]), row=row, col=col)
         if spec.dice_scale:
             fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", showlegend=False,
-                                     line={"dash": "dot", "color": "grey"}), row=1, col=i)
-        fig.update_xaxes(title_text=spec.label, row=1, col=i)
-    fig.update_yaxes(title_text="true lesion Dice", row=1, col=1)
+                                     line={"dash": "dot", "color": "grey"}), row=row, col=col)
+        fig.update_xaxes(title_text=spec.label, row=row, col=col)
+        if col == 1:
+            fig.update_yaxes(title_text="true lesion Dice", row=row, col=col)
+    # no fixed width: the figure takes the page's content column
     fig.update_layout(title=f"QC scores against true Dice, test cases of all folds{note}",
-                      height=380, width=max(420, 300 * len(panels)), margin={"t": 80})
+                      height=330 * rows + 60, margin={"t": 80})
     return fig
 
 
