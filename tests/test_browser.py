@@ -247,7 +247,9 @@ def test_evaluation_page_content_fits_its_column(browser, served_book):
       for (const el of col.querySelectorAll(
           'table, .plotly-graph-div, img, .wmhqc-explorer, .cell_output svg')) {
         const box = el.getBoundingClientRect();
-        if (box.width === 0) continue;  // hidden (a collapsed block)
+        const hidden = box.width === 0 || el.closest('.toggle-hidden, details:not([open])')
+          || !el.checkVisibility({opacityProperty: true, visibilityProperty: true});
+        if (hidden) continue;  // a collapsed block: the full table is shown when opened
         const w = Math.max(box.width, el.scrollWidth || 0);
         if (w > width + 1) wide.push([el.tagName, Math.round(w)]);
       }

@@ -297,12 +297,12 @@ def test_evaluation_tables_ship_with_the_book_as_csv(smoke_run):
     _, results = smoke_run
     html = results / "book" / "_build" / "html"
     page = (html / "notebooks" / "06_evaluation.html").read_text()
-    links = re.findall(r'href="(\.\./_static/data/[^"]+\.csv)"', page)
+    links = re.findall(r'href="(\.\./_static/tables/[^"]+\.csv)"', page)
     assert len(links) == 4
     for link in links:
         table = pd.read_csv(html / "notebooks" / link)
         assert len(table) > 0
-    cases = pd.read_csv(html / "_static" / "data" / "cases_all_folds.csv")
+    cases = pd.read_csv(html / "_static" / "tables" / "cases_all_folds.csv")
     assert {"subject_id", "fold", "split", "true_dice"} <= set(cases.columns)
     assert not cases.astype(str).apply(lambda c: c.str.startswith("/")).any().any()
 

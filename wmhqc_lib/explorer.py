@@ -279,7 +279,7 @@ def static_explorer_html(cases: pd.DataFrame, score: str | QCScore, *, threshold
                                  [values[-1] + pad] if len(values) else []])
     if not spec.higher_is_better:
         thresholds = thresholds[::-1]
-    qualities = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    qualities = np.round(np.arange(0.0, 1.001, 0.05), 2)  # 0: no case counts as failed
     start = int(np.argmin(np.abs(thresholds - threshold)))
     q_start = int(np.argmin(np.abs(qualities - quality_threshold)))
     data = {"score": rows[spec.column].astype(float).round(6).tolist(),

@@ -29,7 +29,7 @@ BOOK_FILES = ("_config.yml", "_toc.yml", "book")
 #: Where chapter 07 writes its triage output, relative to the results folder; its HTML
 #: reports are copied into the book's ``_static/triage``.
 TRIAGE_REPORTS = "triage/output"
-#: Where chapter 06 writes its tables as CSV (copied into the book's ``_static/data``).
+#: Where chapter 06 writes its tables as CSV (copied into the book's ``_static/tables``).
 EVALUATION_TABLES = "evaluation"
 
 
@@ -491,11 +491,11 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
                  static / "plotly.min.js")
     # the evaluation chapter's tables as CSV, linked from its page
     tables = cfg.results_dir / EVALUATION_TABLES
-    shutil.rmtree(static / "data", ignore_errors=True)
+    shutil.rmtree(static / "tables", ignore_errors=True)
     if tables.is_dir():
-        (static / "data").mkdir()
+        (static / "tables").mkdir()
         for table in tables.glob("*.csv"):
-            shutil.copy2(table, static / "data" / table.name)
+            shutil.copy2(table, static / "tables" / table.name)
     # the triage chapter's self-contained HTML reports, linked from its page
     reports = cfg.results_dir / TRIAGE_REPORTS
     shutil.rmtree(static / "triage", ignore_errors=True)

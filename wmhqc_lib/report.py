@@ -382,7 +382,7 @@ def per_fold_figure(evaluations: dict[str, ev.FoldEvaluation], metric: str,
 
 
 #: The evaluation chapter's numbers, written as CSV beside the results (``evaluation/``) and
-#: shipped with the book (``_static/data``), so a reader can download what a figure shows.
+#: shipped with the book (``_static/tables``), so a reader can download what a figure shows.
 TABLE_FILES = {"cases": "cases_all_folds.csv", "table1_ours": "table1_ours.csv",
                "table1_paper": "table1_paper.csv", "ranking": "ranking_test_pooled.csv"}
 
@@ -411,7 +411,7 @@ def write_tables(results_dir: str | Path, tables: dict[str, pd.DataFrame]) -> di
     return out
 
 
-def table_links(paths: dict[str, Path], prefix: str = "../_static/data/") -> str:
+def table_links(paths: dict[str, Path], prefix: str = "../_static/tables/") -> str:
     """Markdown links to the book's copies of :func:`write_tables`' files."""
     labels = {"cases": "per-case table of all folds", "table1_ours": "Table 1, ours",
               "table1_paper": "Table 1, the paper's", "ranking": "ranking with intervals"}
