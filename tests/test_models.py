@@ -399,6 +399,25 @@ def test_mc_inference_writes_maps_and_resumes(tmp_path, model):
     assert not retrained.equals(table)  # a new model's samples are drawn, not read back
 
 
+def test_mc_samples_of_a_case_do_not_depend_on_what_ran_before(tmp_path, model):
+    """Each case's dropout stream is seeded by its identity: order and company do not matter,
+    so the same run twice gives the same numbers."""
+    cases = [phantom_case("a", 0), phantom_case("b", 1)]
+    kwargs = {"n_samples": 4, "batch": 2, "voxel_ml": 0.125, "fold": 1, "progress": False,
+              "reference": references(cases)}
+    first = uncertainty.run_mc_inference(model, cases, {"a": "test", "b": "train"},
+                                         tmp_path / "ab", **kwargs)
+    uncertainty.mc_samples(model, cases[1].image, 3, 3)  # move the random state on
+    second = uncertainty.run_mc_inference(model, cases[::-1], {"a": "test", "b": "train"},
+                                          tmp_path / "ba", **kwargs)
+    for sid in ("a", "b"):
+        one = uncertainty.load_maps(tmp_path / "ab" / "maps" / f"{sid}.npz")
+        two = uncertainty.load_maps(tmp_path / "ba" / "maps" / f"{sid}.npz")
+        assert np.array_equal(one["mean"], two["mean"]), sid
+    assert first.set_index("subject_id")["pairwise_dice"].to_dict() == \
+        second.set_index("subject_id")["pairwise_dice"].to_dict()
+
+
 JAX_SCRIPT = """
 import numpy as np, keras
 assert keras.backend.backend() == "jax", keras.backend.backend()

@@ -182,8 +182,8 @@ def out_of_distribution(features: dict[str, float], ranges: dict[str, dict]) -> 
         if value is None or not math.isfinite(value):
             reasons.append(f"{name} could not be computed")
         elif not r["low"] <= value <= r["high"]:
-            reasons.append(f"{name} {value:.3g} outside the training cohort's "
-                           f"{r['min']:.3g} to {r['max']:.3g}")
+            reasons.append(f"{name} {value:.3g} beyond {r['low']:.3g} to {r['high']:.3g} "
+                           f"(the training cohort's {r['min']:.3g} to {r['max']:.3g}, widened)")
     if features.get("axis_skew_deg", 0.0) > 1.0:
         reasons.append(f"voxel axes sheared by {features['axis_skew_deg']:.1f} degrees")
     return list(dict.fromkeys(reasons))
@@ -232,9 +232,9 @@ class ScanResult:
 def scan_seed(bundle: Bundle, subject_id: str, fold: int) -> int:
     """The MC-dropout seed of one scan and fold model: the same scan gets the same samples
     whatever else is triaged, and in whatever order."""
-    import zlib
+    from .uncertainty import case_seed
 
-    return zlib.crc32(f"{bundle.info['seed']}|{fold}|{subject_id}".encode())
+    return case_seed("triage", bundle.info["seed"], fold, subject_id)
 
 
 def _fold_scores(bundle: Bundle, fm: FoldModels, case) -> tuple[dict, dict]:

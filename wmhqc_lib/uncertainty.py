@@ -42,7 +42,7 @@ from .models import MCDropout, retrace
 from .preprocess import NativeReference, PreprocessedCase, map_to_native, native_dice
 
 ENTROPY_EPS = 1e-7  # as in the authors' code
-SCORES_VERSION = 2  # bumped when a column of the per-case table changes meaning
+SCORES_VERSION = 3  # bumped when a column changes meaning (3: MC samples seeded per case)
 
 
 class RepeatSamples(layers.Layer):
@@ -123,6 +123,14 @@ def mc_samples_naive(model: keras.Model, image: np.ndarray, n_samples: int) -> n
     """The slow way, one ``predict`` call per sample: kept only for the benchmark."""
     x = np.moveaxis(np.asarray(image, dtype=np.float32), 0, -1)[None]
     return np.stack([model.predict(x, verbose=0)[0, ..., 0] for _ in range(n_samples)])
+
+
+def case_seed(*parts: object) -> int:
+    """A 32-bit seed from a case's identity (model, fold, subject...): the same case always
+    gets the same MC samples, whatever was sampled before it and in whatever process."""
+    import zlib
+
+    return zlib.crc32("|".join(str(p) for p in parts).encode())
 
 
 def reseed(model: keras.Model, seed: int) -> None:
@@ -278,6 +286,7 @@ def run_mc_inference(model: keras.Model, cases: Sequence[PreprocessedCase],
 
     def compute(case: PreprocessedCase, map_path: Path) -> dict:
         start = time.perf_counter()
+        reseed(model, case_seed("mc", model_key, fold, case.subject_id))
         maps = uncertainty_maps(mc_samples(model, case.image, n_samples, batch))
         row = {"fold": fold, "subject_id": case.subject_id, "split": splits[case.subject_id],
                **case_scores(maps, case, reference(case.subject_id), voxel_ml)}
