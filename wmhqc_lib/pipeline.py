@@ -438,6 +438,15 @@ def _hide_machine_paths(notebook: Path, cfg: RunConfig) -> None:
         nbformat.write(nb, notebook)
 
 
+def _ship(source: Path, pattern: str, target: Path) -> None:
+    """Replace ``target`` with the files of ``source`` matching ``pattern`` (if any)."""
+    shutil.rmtree(target, ignore_errors=True)
+    if source.is_dir():
+        target.mkdir()
+        for file in source.glob(pattern):
+            shutil.copy2(file, target / file.name)
+
+
 def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
     """Lay out the book sources with the executed notebooks in place of the templates.
 
@@ -489,20 +498,9 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
     static.mkdir(exist_ok=True)
     shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
                  static / "plotly.min.js")
-    # the evaluation chapter's tables as CSV, linked from its page
-    tables = cfg.results_dir / EVALUATION_TABLES
-    shutil.rmtree(static / "tables", ignore_errors=True)
-    if tables.is_dir():
-        (static / "tables").mkdir()
-        for table in tables.glob("*.csv"):
-            shutil.copy2(table, static / "tables" / table.name)
-    # the triage chapter's self-contained HTML reports, linked from its page
-    reports = cfg.results_dir / TRIAGE_REPORTS
-    shutil.rmtree(static / "triage", ignore_errors=True)
-    if reports.is_dir():
-        (static / "triage").mkdir()
-        for page in reports.glob("*.html"):
-            shutil.copy2(page, static / "triage" / page.name)
+    # chapter outputs linked from their pages: the evaluation tables as CSV, the triage reports
+    _ship(cfg.results_dir / EVALUATION_TABLES, "*.csv", static / "tables")
+    _ship(cfg.results_dir / TRIAGE_REPORTS, "*.html", static / "triage")
     return stage
 
 
