@@ -98,6 +98,7 @@ def test_bids_discovery_with_and_without_sessions_and_filters(bids_input):
     by_prefix = {s.prefix: s for s in scans}
     assert {"sub-01", "sub-02", "sub-03_ses-A", "sub-03_ses-B"} <= set(by_prefix)
     assert by_prefix["sub-03_ses-A"].session == "A"
+    assert by_prefix["sub-03_ses-A"].from_bids
     assert by_prefix["sub-03_ses-A"].folder == Path("sub-03/ses-A/anat")
     assert by_prefix["sub-01"].session is None and by_prefix["sub-01"].t1.name == \
         "sub-01_T1w.nii.gz"
@@ -117,6 +118,7 @@ def test_manifest_and_single_scan_modes(smoke_manifest, tmp_path):
     assert [s.participant for s in scans] == [triage.bids_label(s) for s in
                                                smoke_manifest["subject_id"].head(3)]
     assert all(s.flair.is_file() and s.t1.is_file() for s in scans)
+    assert not any(s.from_bids for s in scans)  # their sidecars cite file URIs
     one = triage.single_scan(smoke_manifest["flair"].iloc[0], smoke_manifest["t1"].iloc[0],
                              "case_7")
     assert one.prefix == "sub-case7" and one.folder == Path("sub-case7/anat")

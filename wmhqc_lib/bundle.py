@@ -248,10 +248,8 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     cases = report.load_all_cases(results_dir, folds)
     dr_names = _dr_names(cases)
     _check_finished(results_dir, folds, dr_names)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise BundleError(f"{out_dir}: exists and is not empty (pass --force to replace)")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise BundleError(f"{out_dir}: exists and is not empty (pass --force to replace)")
     section = prof.section("evaluation")
     quality, rule = float(section["quality_threshold"]), str(section["select"])
     chosen, dice_spec, val_table = _score_choice(cases, score, prof.seed)
@@ -335,8 +333,7 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     (tmp / MANIFEST).write_text(json.dumps({
         "format": BUNDLE_FORMAT,
         "files": {p.relative_to(tmp).as_posix(): file_digest(p) for p in files}}, indent=1))
-    if out_dir.exists():
-        out_dir.rmdir()  # empty: checked above
+    shutil.rmtree(out_dir, ignore_errors=True)  # an old bundle goes only once the new is whole
     tmp.replace(out_dir)
     return load_bundle(out_dir)
 

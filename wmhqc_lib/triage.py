@@ -61,6 +61,7 @@ class Scan:
     prefix: str  # entity prefix of the output names, e.g. sub-01_ses-A_run-1
     source: str  # the input as the user named it (BIDS-relative path or the manifest id)
     problem: str = ""  # why this scan cannot run (a missing T1, say), found at discovery
+    from_bids: bool = False  # source is a path relative to a BIDS dataset root
 
     @property
     def folder(self) -> Path:
@@ -86,10 +87,10 @@ def bids_label(text: str) -> str:
 # Finding scans
 
 
-def _entities(name: str) -> tuple[dict[str, str], str]:
-    stem = name.split(".")[0]
-    *pairs, suffix = stem.split("_")
-    return dict(p.split("-", 1) for p in pairs if "-" in p), suffix
+def _entities(name: str) -> dict[str, str]:
+    """The key-value entities of a BIDS file name (``sub-01_ses-A_FLAIR`` -> sub, ses)."""
+    *pairs, _suffix = name.split(".")[0].split("_")
+    return dict(p.split("-", 1) for p in pairs if "-" in p)
 
 
 def discover_bids(bids_dir: str | Path, participants: Sequence[str] = (),
@@ -117,12 +118,12 @@ def discover_bids(bids_dir: str | Path, participants: Sequence[str] = (),
             for flair in sorted(anat.glob("*_FLAIR.nii*")):
                 if not re.search(r"\.nii(\.gz)?$", flair.name):
                     continue
-                ents, _ = _entities(flair.name)
+                ents = _entities(flair.name)
                 prefix = flair.name.split(".")[0].rsplit("_", 1)[0]
                 t1 = _matching_t1(anat, flair)
                 problem = "" if t1 else f"no matching *_T1w.nii[.gz] in {anat.relative_to(root)}"
                 scans.append(Scan(label, ents.get("ses", session), flair, t1, prefix,
-                                  flair.relative_to(root).as_posix(), problem))
+                                  flair.relative_to(root).as_posix(), problem, from_bids=True))
     missing = wanted_p - {s.participant for s in scans}
     for label in sorted(missing):
         scans.append(Scan(label, None, None, None, f"sub-{label}", f"sub-{label}",
@@ -341,10 +342,7 @@ def read_record(out_dir: Path, scan: Scan) -> dict | None:
 def _source_uri(scan: Scan) -> str:
     """The input FLAIR as a BIDS URI (``bids:raw:sub-01/anat/...``) for BIDS input, else as a
     file URI."""
-    if scan.source == Path(scan.source).as_posix() and not Path(scan.source).is_absolute() \
-            and scan.source.startswith("sub-"):
-        return f"bids:raw:{scan.source}"
-    return Path(scan.flair).resolve().as_uri()
+    return f"bids:raw:{scan.source}" if scan.from_bids else Path(scan.flair).resolve().as_uri()
 
 
 def _sidecar(scan: Scan, kind: str) -> dict:
@@ -447,10 +445,8 @@ def write_group(out_dir: str | Path, bundle: Bundle | None = None) -> pd.DataFra
     text.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.4g")
     os.replace(tmp, out_dir / GROUP_TSV)
     if bundle is not None:
-        try:
-            from . import triage_report
-        except ImportError:  # the report module is optional for the tables
-            return table
+        from . import triage_report
+
         triage_report.write_reports(out_dir, table, bundle)
     return table
 

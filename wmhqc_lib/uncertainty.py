@@ -136,8 +136,10 @@ def case_seed(*parts: object) -> int:
 def reseed(model: keras.Model, seed: int) -> None:
     """Set every MC dropout layer of ``model`` to a random state given by ``seed``, so the
     samples of a case do not depend on which cases were sampled before it (triage)."""
-    layers_ = [layer for layer in model._flatten_layers(include_self=False)
-               if isinstance(layer, MCDropout)]
+    def walk(layer) -> list:
+        return [layer] + [x for child in getattr(layer, "layers", []) for x in walk(child)]
+
+    layers_ = [layer for layer in walk(model)[1:] if isinstance(layer, MCDropout)]
     for k, layer in enumerate(layers_):
         state = layer.seed_generator.state
         state.assign(np.array([seed % 2**32, k], dtype=state.dtype))
