@@ -15,10 +15,10 @@ import time
 import numpy as np
 
 from wmhqc_lib.config import load_profile
-from wmhqc_lib.models import UNetConfig, build_mc_unet, conv_flops
-from wmhqc_lib.preprocess import PreprocessedCase
-from wmhqc_lib.training import Augmentation, PatchDataset, make_loss
-from wmhqc_lib.uncertainty import mc_sampler, mc_samples, mc_samples_naive, sample_chunks
+from wmhqc_lib.data.preprocess import PreprocessedCase
+from wmhqc_lib.nets.models import UNetConfig, build_mc_unet, conv_flops
+from wmhqc_lib.nets.training import Augmentation, PatchDataset, make_loss
+from wmhqc_lib.qc.uncertainty import mc_sampler, mc_samples, mc_samples_naive, sample_chunks
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

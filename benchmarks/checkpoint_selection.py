@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from wmhqc_lib import preprocess, study
 from wmhqc_lib.config import load_profile
-from wmhqc_lib.metrics import dice
-from wmhqc_lib.models import UNetConfig, build_mc_unet
-from wmhqc_lib.training import deterministic, fit_segmenter, predict_volume
-from wmhqc_lib.uncertainty import mc_samples
+from wmhqc_lib.data import preprocess
+from wmhqc_lib.nets.models import UNetConfig, build_mc_unet
+from wmhqc_lib.nets.training import deterministic, fit_segmenter, predict_volume
+from wmhqc_lib.qc.metrics import dice
+from wmhqc_lib.qc.uncertainty import mc_samples
+from wmhqc_lib.study import steps
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
         section["epochs"] = args.epochs
     section["patience"] = int(section["epochs"])  # score every epoch, no early stop
     n, batch = int(section["mc_samples"]), int(section["mc_batch"])
-    data = study.load_fold(results, args.fold)
+    data = steps.load_fold(results, args.fold)
     val = data.cases["val"]
     rows: list[dict] = []
 

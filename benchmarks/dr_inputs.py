@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmhqc_lib import evaluation as ev
-from wmhqc_lib import regression as rg
-from wmhqc_lib import report, study
 from wmhqc_lib.config import load_profile
+from wmhqc_lib.qc import evaluation as ev
+from wmhqc_lib.qc import regression as rg
+from wmhqc_lib.study import report, steps
 
 
 def main() -> None:
@@ -51,8 +51,8 @@ def main() -> None:
     minutes = {}
     for fold in folds:
         start = time.perf_counter()
-        study.train_dice_regressors(profile, work, fold, progress=False)
-        oof = json.loads((study.FoldPaths.under(work, fold).root / "oof" / "timing.json")
+        steps.train_dice_regressors(profile, work, fold, progress=False)
+        oof = json.loads((steps.FoldPaths.under(work, fold).root / "oof" / "timing.json")
                          .read_text())["seconds"] / 60
         minutes[fold] = {"out_of_fold networks and maps (min)": round(oof, 1),
                          "whole regression step (min)": round((time.perf_counter() - start)

@@ -18,9 +18,10 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from wmhqc_lib import cohort, datasets, report
 from wmhqc_lib.config import load_profile
-from wmhqc_lib.metrics import dice
+from wmhqc_lib.data import cohort, datasets
+from wmhqc_lib.qc.metrics import dice
+from wmhqc_lib.study import report
 
 
 def native_dice_from_files(results: str, cases: pd.DataFrame) -> pd.Series:

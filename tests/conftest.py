@@ -22,7 +22,7 @@ def smoke_profile():
 @pytest.fixture(scope="session")
 def smoke_cohort(tmp_path_factory, smoke_profile) -> Path:
     """A synthetic cohort written with the smoke profile, shared read-only by the tests."""
-    from wmhqc_lib import synth
+    from wmhqc_lib.data import synth
 
     root = tmp_path_factory.mktemp("smoke_cohort")
     synth.generate_cohort(root, smoke_profile, progress=False)
@@ -31,16 +31,25 @@ def smoke_cohort(tmp_path_factory, smoke_profile) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_manifest(smoke_cohort):
-    from wmhqc_lib import datasets
+    from wmhqc_lib.data import datasets
 
     return datasets.index_cohort(smoke_cohort).manifest
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every browser test (see ``tests/browsing.py``)."""
+    from browsing import launched_chromium
+
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture(scope="session")
 def smoke_run(smoke_cohort, tmp_path_factory):
     """``make reproduce`` on the smoke cohort, fold 1 only: every chapter and the built book
     (about two minutes; shared by the pipeline and browser tests)."""
-    from wmhqc_lib import pipeline
+    from wmhqc_lib.study import pipeline
 
     results = tmp_path_factory.mktemp("results")
     code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results, folds=[1])
@@ -86,7 +95,7 @@ def smoke_bundle(smoke_run, tmp_path_factory):
     code, results = smoke_run
     assert code == 0
     out = tmp_path_factory.mktemp("bundle") / "smoke-bundle"
-    from wmhqc_lib import bundle
+    from wmhqc_lib.deploy import bundle
 
     return bundle.export_study(results, out, profile="smoke", folds=[1])
 
@@ -146,7 +155,7 @@ def bids_input(smoke_manifest, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def triaged(smoke_bundle, bids_input, tmp_path_factory):
     """(TriageSummary, output dataset folder) of one triage run over ``bids_input``."""
-    from wmhqc_lib import triage
+    from wmhqc_lib.deploy import triage
 
     out = tmp_path_factory.mktemp("triage") / "derivatives"
     scans = triage.discover_bids(bids_input)

@@ -7,9 +7,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from . import datasets
 from .config import PROFILE_NAMES, load_profile
-from .io import DataError
+from .data import datasets
+from .data.io import DataError
 
 
 def _profile(args: argparse.Namespace):
@@ -26,7 +26,7 @@ def _index_options(args: argparse.Namespace) -> datasets.IndexOptions:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from . import synth
+    from .data import synth
 
     profile = _profile(args)
     table = synth.generate_cohort(args.out, profile, workers=args.workers, force=args.force)
@@ -60,7 +60,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from . import preprocess
+    from .data import preprocess
 
     profile = _profile(args)
     manifest = datasets.read_manifest(args.manifest)
@@ -76,7 +76,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_folds(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from . import folds
+    from .data import folds
 
     profile = _profile(args)
     manifest = datasets.read_manifest(args.manifest)
@@ -95,7 +95,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from .study import pipeline
 
     return pipeline.reproduce(args.profile, data_root=args.data_root, results_dir=args.results,
                               folds=args.folds or (), seed=args.seed, build=not args.no_book,
@@ -103,7 +103,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from . import slurm
+    from .study import slurm
 
     settings = slurm.ClusterSettings(
         partition=args.partition, account=args.account, time_data=args.time_data,
@@ -132,7 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     a flag says otherwise, so forgetting ``--lower-is-better`` cannot invert entropy."""
     import json
 
-    from . import evaluation
+    from .qc import evaluation
 
     cases = evaluation.read_cases(args.cases)
     known = [s for s in evaluation.QC_SCORES if s.column == args.score]
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import bundle
+    from .deploy import bundle
 
     out = bundle.export_study(args.results, args.out, profile=args.profile, score=args.score,
                               folds=args.folds, overwrite=args.force)
@@ -172,8 +172,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_triage(args: argparse.Namespace) -> int:
     """The BIDS-App entry point; exit 0 when at least one scan was triaged, 1 when none was,
     2 for unusable arguments, inputs or bundle."""
-    from . import bundle as bundle_mod
-    from . import triage
+    from .deploy import bundle as bundle_mod
+    from .deploy import triage
 
     model = bundle_mod.load_bundle(args.model)
     out = Path(args.output_dir)

@@ -20,7 +20,7 @@ PROFILE_NAMES = ("smoke", "cpu", "paper")
 
 @dataclass(frozen=True)
 class SynthSettings:
-    """How the synthetic cohort is simulated (see :mod:`wmhqc_lib.synth`)."""
+    """How the synthetic cohort is simulated (see :mod:`wmhqc_lib.data.synth`)."""
 
     voxel_scale: float
     working_mm: float

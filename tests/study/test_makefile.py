@@ -1,0 +1,48 @@
+"""The Makefile's chain, read with ``make -n`` (nothing runs): a data stage, one target per fold
+that ``make -j`` can run side by side, a final stage over every fold, and ``make lab``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+
+
+def dry_run(*args: str) -> str:
+    proc = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_reproduce_is_a_data_stage_fold_targets_and_a_final_stage(tmp_path):
+    out = dry_run("reproduce-final", "PROFILE=cpu", f"RESULTS={tmp_path}")
+    lines = [ln for ln in out.splitlines() if "wmhqc reproduce" in ln]
+    assert "--stage data" in lines[0]
+    folds = [ln for ln in lines if "--stage folds" in ln]
+    assert [ln.split("--folds ")[1] for ln in folds] == ["1", "2", "3", "4", "5"]
+    assert lines[-1].endswith("--stage final --folds 1 2 3 4 5")
+    assert all(f"--results {tmp_path}" in ln and "--profile cpu" in ln for ln in lines)
+
+
+def test_folds_side_by_side_by_default_only_for_smoke(tmp_path):
+    assert "-j2 reproduce-final" in dry_run("reproduce", "PROFILE=smoke", f"RESULTS={tmp_path}")
+    cpu = dry_run("reproduce", "PROFILE=cpu", f"RESULTS={tmp_path}")
+    submake = next(ln for ln in cpu.splitlines() if ln.endswith(" reproduce-final"))
+    assert not any(word.startswith("-j") for word in submake.split())  # one fold at a time
+    assert "-j4 reproduce-final" in dry_run("reproduce", "JOBS=4", f"RESULTS={tmp_path}")
+    chosen = dry_run("reproduce-final", "FOLDS=2 4", "DATA_ROOT=/data/wmh", f"RESULTS={tmp_path}")
+    assert "--stage folds --folds 2" in chosen and "--stage folds --folds 4" in chosen
+    assert "--stage final --folds 2 4" in chosen and "--data-root /data/wmh" in chosen
+
+
+def test_lab_registers_the_kernel_and_opens_the_notebooks():
+    out = dry_run("lab")
+    assert "ipykernel install --sys-prefix --name wmhqc" in out
+    assert "jupyter lab --notebook-dir=. notebooks/" in out

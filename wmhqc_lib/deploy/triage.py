@@ -1,0 +1,620 @@
+"""QC of new scans with an exported study (the paper's Figure 1b): segment, score, flag.
+
+Inputs: a BIDS dataset (``sub-*/[ses-*/]anat/*_FLAIR.nii[.gz]`` with the matching ``*_T1w``),
+a manifest CSV (``subject_id``, ``flair``, ``t1``; as ``wmhqc data index`` writes) or one
+FLAIR/T1 pair. Per scan: the study's preprocessing; every fold model's MC inference,
+reconstruction error maps and Dice regressors; the segmentation is the mean of the fold
+models' MC means; each fold compares the bundle's QC score with its own validation-chosen
+threshold and the scan is flagged when at least half of the folds flag it (a tie goes to
+review) or when it is unlike the training cohort (out-of-distribution check on image
+features). The predicted Dice is the fold regressors' mean with their spread.
+
+Outputs form a BIDS derivative dataset (:data:`OUTPUT_SUFFIXES`); a scan's record
+(``..._desc-wmhqc_qc.json``) is written last, so a scan without one is unfinished, and a rerun
+skips every scan whose record says ``ok``. A bad scan gets a record with status ``error`` and
+its reason; the other scans go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data.io import DataError
+from .bundle import Bundle
+
+GROUP_TSV = "group_qc.tsv"
+GROUP_COLUMNS = ("participant_id", "session_id", "status", "flagged", "qc_score",
+                 "predicted_dice", "predicted_dice_sd", "folds_flagging", "lesion_ml", "reason",
+                 "seconds", "source")
+#: The files of one finished scan, by role: name suffix after the scan's entity prefix.
+OUTPUT_SUFFIXES = {
+    "mask": "space-orig_label-WMH_mask.nii.gz",
+    "probseg": "space-orig_label-WMH_probseg.nii.gz",
+    "entropy": "space-orig_desc-entropy_uncertainty.nii.gz",
+    "error": "space-orig_desc-signed_recerror.nii.gz",
+}
+RECORD_SUFFIX = "desc-wmhqc_qc.json"
+BIDSIGNORE = ("*_uncertainty.nii.gz", "*_uncertainty.json", "*_recerror.nii.gz",
+              "*_recerror.json", "*_qc.json", "*.html", "group_qc.tsv", "logs/")
+_LABEL = re.compile(r"[^A-Za-z0-9]")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One FLAIR (with its T1) to triage, and where its outputs go."""
+
+    participant: str  # BIDS label, alphanumeric (no "sub-")
+    session: str | None
+    flair: Path | None
+    t1: Path | None
+    prefix: str  # entity prefix of the output names, e.g. sub-01_ses-A_run-1
+    source: str  # the input as the user named it (BIDS-relative path or the manifest id)
+    problem: str = ""  # why this scan cannot run (a missing T1, say), found at discovery
+    from_bids: bool = False  # source is a path relative to a BIDS dataset root
+
+    @property
+    def folder(self) -> Path:
+        """The scan's folder relative to the output dataset."""
+        parts = [f"sub-{self.participant}"] + ([f"ses-{self.session}"] if self.session else [])
+        return Path(*parts, "anat")
+
+    def output(self, role: str) -> Path:
+        suffix = RECORD_SUFFIX if role == "record" else OUTPUT_SUFFIXES[role]
+        return self.folder / f"{self.prefix}_{suffix}"
+
+
+def bids_label(text: str) -> str:
+    """A BIDS label from any identifier: its letters and digits (``miccai17_GE3T_100`` ->
+    ``miccai17GE3T100``)."""
+    label = _LABEL.sub("", str(text))
+    if not label:
+        raise ValueError(f"{text!r}: no letter or digit to make a BIDS label from")
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding scans
+
+
+def _entities(name: str) -> dict[str, str]:
+    """The key-value entities of a BIDS file name (``sub-01_ses-A_FLAIR`` -> sub, ses)."""
+    *pairs, _suffix = name.split(".")[0].split("_")
+    return dict(p.split("-", 1) for p in pairs if "-" in p)
+
+
+def discover_bids(bids_dir: str | Path, participants: Sequence[str] = (),
+                  sessions: Sequence[str] = ()) -> list[Scan]:
+    """Every ``*_FLAIR.nii[.gz]`` under ``sub-*/[ses-*/]anat``, paired with the T1w of the
+    same entities (or the only T1w of its folder). A FLAIR without a T1w is returned with a
+    ``problem``, so it is reported, not dropped. Labels are given without ``sub-``/``ses-``."""
+    root = Path(bids_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: BIDS directory not found")
+    if not (root / "dataset_description.json").is_file():
+        raise ValueError(f"{root}: not a BIDS dataset (no dataset_description.json)")
+    wanted_p = {p.removeprefix("sub-") for p in participants}
+    wanted_s = {s.removeprefix("ses-") for s in sessions}
+    scans = []
+    for sub in sorted(root.glob("sub-*")):
+        label = sub.name[4:]
+        if not sub.is_dir() or (wanted_p and label not in wanted_p):
+            continue
+        anats = [(None, sub / "anat")] + [(s.name[4:], s / "anat")
+                                          for s in sorted(sub.glob("ses-*")) if s.is_dir()]
+        for session, anat in anats:
+            if not anat.is_dir() or (wanted_s and session not in wanted_s):
+                continue
+            for flair in sorted(anat.glob("*_FLAIR.nii*")):
+                if not re.search(r"\.nii(\.gz)?$", flair.name):
+                    continue
+                ents = _entities(flair.name)
+                prefix = flair.name.split(".")[0].rsplit("_", 1)[0]
+                t1 = _matching_t1(anat, flair)
+                problem = "" if t1 else f"no matching *_T1w.nii[.gz] in {anat.relative_to(root)}"
+                scans.append(Scan(label, ents.get("ses", session), flair, t1, prefix,
+                                  flair.relative_to(root).as_posix(), problem, from_bids=True))
+    missing = wanted_p - {s.participant for s in scans}
+    for label in sorted(missing):
+        scans.append(Scan(label, None, None, None, f"sub-{label}", f"sub-{label}",
+                          "participant label given but no FLAIR found"))
+    return scans
+
+
+def _matching_t1(anat: Path, flair: Path) -> Path | None:
+    for ext in (".nii.gz", ".nii"):
+        candidate = anat / (flair.name.split(".")[0].rsplit("_", 1)[0] + "_T1w" + ext)
+        if candidate.is_file():
+            return candidate
+    t1s = sorted(p for p in anat.glob("*_T1w.nii*") if re.search(r"\.nii(\.gz)?$", p.name))
+    return t1s[0] if len(t1s) == 1 else None
+
+
+def scans_from_manifest(path: str | Path) -> list[Scan]:
+    """Scans listed in a manifest CSV with ``subject_id``, ``flair`` and ``t1`` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    table = pd.read_csv(path)
+    missing = {"subject_id", "flair", "t1"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
+    scans, seen = [], set()
+    for row in table.itertuples():
+        label = bids_label(row.subject_id)
+        if label in seen:
+            raise ValueError(f"{path}: subject ids {row.subject_id!r} and another give the "
+                             f"same BIDS label {label!r}")
+        seen.add(label)
+        flair = Path(str(row.flair)) if isinstance(row.flair, str) and row.flair else None
+        t1 = Path(str(row.t1)) if isinstance(row.t1, str) and row.t1 else None
+        problem = "" if flair and t1 else "manifest row lacks a FLAIR or a T1 path"
+        scans.append(Scan(label, None, flair, t1, f"sub-{label}", str(row.subject_id),
+                          problem))
+    return scans
+
+
+def single_scan(flair: str | Path, t1: str | Path, participant: str = "01") -> Scan:
+    """One FLAIR/T1 pair given on the command line."""
+    label = bids_label(participant)
+    return Scan(label, None, Path(flair), Path(t1), f"sub-{label}", str(flair))
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-distribution check
+
+
+def out_of_distribution(features: dict[str, float], ranges: dict[str, dict]) -> list[str]:
+    """Reasons a scan is unlike the training cohort: each image feature outside the cohort's
+    widened range (see :data:`bundle.OOD_MARGIN`), and sheared voxel axes."""
+    reasons = []
+    for name, r in ranges.items():
+        value = features.get(name)
+        if value is None or not math.isfinite(value):
+            reasons.append(f"{name} could not be computed")
+        elif not r["low"] <= value <= r["high"]:
+            reasons.append(f"{name} {value:.3g} beyond {r['low']:.3g} to {r['high']:.3g} "
+                           f"(the training cohort's {r['min']:.3g} to {r['max']:.3g}, widened)")
+    if features.get("axis_skew_deg", 0.0) > 1.0:
+        reasons.append(f"voxel axes sheared by {features['axis_skew_deg']:.1f} degrees")
+    return list(dict.fromkeys(reasons))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and one scan
+
+
+@dataclass
+class FoldModels:
+    fold: int
+    threshold: float
+    mc: object
+    rec: object
+    dr: dict[str, object] = field(default_factory=dict)
+
+
+def load_models(bundle: Bundle) -> list[FoldModels]:
+    """Every fold's networks, loaded once."""
+    import keras
+
+    from ..nets import models  # noqa: F401  (registers the custom layers)
+
+    out = []
+    for fold in bundle.folds:
+        def load(name: str, fold=fold):
+            return keras.models.load_model(bundle.model_path(fold, name), compile=False)
+
+        out.append(FoldModels(fold, bundle.threshold(fold), load("mc_unet"), load("rec_unet"),
+                              {name: load(name) for name in bundle.dr_models}))
+    return out
+
+
+@dataclass
+class ScanResult:
+    """What triage found for one scan (maps on the profile grid until written)."""
+
+    record: dict
+    probability: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    error: np.ndarray | None = None
+    case: object = None
+
+
+def scan_seed(bundle: Bundle, subject_id: str, fold: int) -> int:
+    """The MC-dropout seed of one scan and fold model: the same scan gets the same samples
+    whatever else is triaged, and in whatever order."""
+    from ..qc.uncertainty import case_seed
+
+    return case_seed("triage", bundle.info["seed"], fold, subject_id)
+
+
+def _fold_scores(bundle: Bundle, fm: FoldModels, case) -> tuple[dict, dict]:
+    """One fold model's scores of a case, and its maps (mean, entropy, signed error)."""
+    from ..qc import regression as rg
+    from ..qc.reconstruction import FLAIR, QCImage, error_maps, error_scores
+    from ..qc.uncertainty import mc_samples, qc_scores, reseed, uncertainty_maps
+
+    reseed(fm.mc, scan_seed(bundle, case.subject_id, fm.fold))
+    vox_ml = float(np.prod(bundle.info["preprocess"]["voxel_mm"])) / 1000.0
+    maps = uncertainty_maps(mc_samples(fm.mc, case.image, bundle.info["mc"]["samples"],
+                                       bundle.info["mc"]["batch"]))
+    image = QCImage.from_arrays(case.subject_id, case.image[FLAIR], case.brain)
+    pred = maps.prediction > 0
+    emaps = error_maps(fm.rec, image, pred, bundle.info["rec"]["infer_batch"])
+    scores = qc_scores(maps, vox_ml) | error_scores(emaps, image, pred,
+                                                    bundle.info["rec"]["ssim"])
+    inputs = rg.CaseInputs(case.subject_id, image, pred, maps.mean, maps.entropy, emaps.error)
+    for name, model in fm.dr.items():
+        kind = name.removeprefix("dr_").split("_")[0]
+        scores[name] = float(rg.predict_dice(model, inputs.pair(kind)[None])[0])
+    return scores, {"mean": maps.mean, "entropy": maps.entropy, "error": emaps.error}
+
+
+def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResult:
+    """Scores, flags and ensemble maps of one preprocessed scan."""
+    from ..qc.evaluation import flag_cases
+
+    spec = bundle.score
+    per_fold, means, entropies, errors = [], [], [], []
+    for fm in models:
+        scores, maps = _fold_scores(bundle, fm, case)
+        value = scores[spec.column]
+        flag = bool(flag_cases(np.array([value]), fm.threshold, spec.higher_is_better)[0])
+        per_fold.append({"fold": fm.fold, "threshold": fm.threshold, "qc_score": value,
+                         "flagged": flag, "scores": scores})
+        means.append(maps["mean"])
+        entropies.append(maps["entropy"])
+        errors.append(maps["error"])
+    fraction = float(np.mean([f["flagged"] for f in per_fold]))
+    reasons = []
+    if fraction >= 0.5:
+        word = spec.label
+        reasons.append(f"{word} beyond the validation-chosen threshold in "
+                       f"{sum(f['flagged'] for f in per_fold)} of {len(per_fold)} folds")
+    ood = out_of_distribution(case.meta["image_features"], bundle.info["feature_ranges"])
+    if ood:
+        reasons.append("unlike the training cohort: " + "; ".join(ood))
+    dice_col = bundle.info.get("predicted_dice")
+    predicted = [f["scores"][dice_col] for f in per_fold] if dice_col else []
+    record = {
+        "status": "ok", "flagged": bool(fraction >= 0.5 or ood),
+        "qc_score": float(np.mean([f["qc_score"] for f in per_fold])),
+        "qc_score_name": spec.column, "folds_flagging": fraction,
+        "out_of_distribution": bool(ood),
+        "predicted_dice": float(np.mean(predicted)) if predicted else None,
+        "predicted_dice_sd": float(np.std(predicted)) if predicted else None,
+        "predicted_dice_range": [float(min(predicted)), float(max(predicted))] if predicted
+        else None,
+        "reason": "; ".join(reasons), "per_fold": per_fold,
+        "image_features": case.meta["image_features"],
+    }
+    return ScanResult(record, np.mean(means, axis=0), np.mean(entropies, axis=0),
+                      np.mean(errors, axis=0), case)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _as_uri(source: str) -> str:
+    return Path(source).resolve().as_uri() if source and "://" not in source else source
+
+
+def write_dataset_description(out_dir: Path, bundle: Bundle, source: str) -> None:
+    """``dataset_description.json`` of the derivative dataset, and its ``.bidsignore``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    desc = {"Name": "wmhqc triage: WMH segmentation with quality control",
+            "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "wmhqc", "Version": bundle.info["generated_by"]["version"],
+                             "Description": f"QC bundle of profile {bundle.info['profile']}, "
+                                            f"score {bundle.score.label}"}],
+            "SourceDatasets": [{"URL": _as_uri(source)}],
+            "DatasetLinks": {"raw": _as_uri(source)}}
+    _atomic_json(out_dir / "dataset_description.json", desc)
+    (out_dir / ".bidsignore").write_text("\n".join(BIDSIGNORE) + "\n")
+
+
+def read_record(out_dir: Path, scan: Scan) -> dict | None:
+    path = out_dir / scan.output("record")
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _source_uri(scan: Scan) -> str:
+    """The input FLAIR as a BIDS URI (``bids:raw:sub-01/anat/...``) for BIDS input, else as a
+    file URI."""
+    return f"bids:raw:{scan.source}" if scan.from_bids else Path(scan.flair).resolve().as_uri()
+
+
+def _sidecar(scan: Scan, kind: str) -> dict:
+    uri = _source_uri(scan)
+    return {"Description": kind, "Sources": [uri], "SpatialReference": uri}
+
+
+def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) -> dict:
+    """Write a scan's maps on its native FLAIR grid and then its record (the completion mark).
+
+    Files go to a temporary folder first and are moved into place one by one; the record comes
+    last, so a crash leaves a scan without a record, which the next run redoes."""
+    import nibabel as nib
+
+    from ..data.preprocess import map_to_native
+
+    case = result.case
+    staging = out_dir / "logs" / "staging" / scan.prefix
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    prob = np.asarray(map_to_native(result.probability, case).dataobj, dtype=np.float32)
+    prob = np.clip(prob, 0.0, 1.0)
+    affine = np.asarray(case.meta["native_affine"])
+    mask = (prob > 0.5).astype(np.uint8)
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    images = {"mask": mask, "probseg": prob,
+              "entropy": np.asarray(map_to_native(result.entropy, case).dataobj, np.float32),
+              "error": np.asarray(map_to_native(result.error, case).dataobj, np.float32)}
+    descriptions = {"mask": "WMH segmentation: mean of the fold models' MC means > 0.5",
+                    "probseg": "WMH probability: mean of the fold models' MC means",
+                    "entropy": "MC entropy (bits), mean over fold models",
+                    "error": "Reconstruction minus FLAIR with the prediction zeroed "
+                             "(scaled intensity), mean over fold models"}
+    for role, data in images.items():
+        name = scan.output(role).name
+        img = nib.Nifti1Image(data, affine)
+        img.set_data_dtype(np.uint8 if role == "mask" else np.float32)
+        nib.save(img, staging / name)
+        sidecar = _sidecar(scan, descriptions[role])
+        if role in ("mask", "probseg"):
+            sidecar["Type"] = "Lesion"
+        (staging / name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=1))
+    record = {"participant_id": f"sub-{scan.participant}",
+              "session_id": f"ses-{scan.session}" if scan.session else "n/a",
+              "source": scan.source,
+              "inputs": {"flair": str(Path(scan.flair).resolve()),
+                         "t1": str(Path(scan.t1).resolve())},
+              **result.record,
+              "lesion_ml": float(mask.sum()) * voxel_ml, "seconds": round(seconds, 2),
+              "files": {role: scan.output(role).as_posix() for role in OUTPUT_SUFFIXES},
+              "bundle": {"score": result.record["qc_score_name"]}}
+    target = out_dir / scan.folder
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, target / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    _atomic_json(out_dir / scan.output("record"), record)
+    return record
+
+
+def error_record(out_dir: Path, scan: Scan, reason: str, seconds: float) -> dict:
+    """The record of a scan that could not be triaged; its earlier outputs are removed."""
+    for role in OUTPUT_SUFFIXES:
+        for path in (out_dir / scan.output(role),
+                     out_dir / str(scan.output(role)).replace(".nii.gz", ".json")):
+            path.unlink(missing_ok=True)
+    record = {"participant_id": f"sub-{scan.participant}",
+              "session_id": f"ses-{scan.session}" if scan.session else "n/a",
+              "source": scan.source, "status": "error", "flagged": None, "reason": reason,
+              "seconds": round(seconds, 2)}
+    _atomic_json(out_dir / scan.output("record"), record)
+    return record
+
+
+def group_table(out_dir: str | Path) -> pd.DataFrame:
+    """One row per scan record under ``out_dir`` (:data:`GROUP_COLUMNS`), flagged first."""
+    out_dir = Path(out_dir)
+    rows = []
+    for path in sorted(out_dir.glob(f"sub-*/**/*_{RECORD_SUFFIX}")):
+        rec = json.loads(path.read_text())
+        row = {c: rec.get(c) for c in GROUP_COLUMNS}
+        row["record"] = path.relative_to(out_dir).as_posix()
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=[*GROUP_COLUMNS, "record"])
+    order = table["status"].map({"ok": 1, "error": 2}).fillna(3)
+    flagged = table["flagged"].map({True: 0}).fillna(1)
+    return (table.assign(_o=order, _f=flagged).sort_values(["_f", "_o", "participant_id",
+                                                            "session_id"])
+            .drop(columns=["_o", "_f"]).reset_index(drop=True))
+
+
+def write_group(out_dir: str | Path, bundle: Bundle | None = None) -> pd.DataFrame:
+    """``group_qc.tsv`` (BIDS ``n/a`` for missing values, ``true``/``false`` flags), rebuilt
+    from the scan records; and the group report when a bundle is given."""
+    out_dir = Path(out_dir)
+    table = group_table(out_dir)
+    text = table.drop(columns="record").copy()
+    text["flagged"] = text["flagged"].map({True: "true", False: "false"})
+    tmp = out_dir / f".{GROUP_TSV}.tmp"
+    text.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.4g")
+    os.replace(tmp, out_dir / GROUP_TSV)
+    if bundle is not None:
+        from . import report as triage_report
+
+        triage_report.write_reports(out_dir, table, bundle)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TriageSummary:
+    table: pd.DataFrame
+    n_ok: int
+    n_error: int
+    n_skipped: int
+    seconds_per_scan: list[float]
+
+    @property
+    def mean_seconds(self) -> float:
+        """Mean seconds per triaged scan this run (preprocessing included)."""
+        return float(np.mean(self.seconds_per_scan)) if self.seconds_per_scan else math.nan
+
+    @property
+    def exit_code(self) -> int:
+        """0 when at least one scan has a triage result, 1 when none has."""
+        return 0 if self.n_ok + self.n_skipped > 0 else 1
+
+
+def _prepare(job: tuple) -> tuple:
+    """Preprocess one scan (run in a worker process); returns (index, case or error, s)."""
+    index, scan, settings = job
+    start = time.perf_counter()
+    from ..data.preprocess import preprocess_scan
+
+    try:
+        if scan.problem:
+            raise DataError(scan.source, scan.problem)
+        case = preprocess_scan(scan.prefix, scan.flair, scan.t1, settings)
+        return index, case, time.perf_counter() - start
+    except (DataError, ValueError, OSError) as exc:
+        return index, f"{exc}", time.perf_counter() - start
+
+
+def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
+               source: str = "", nprocs: int = 1, progress: bool = True,
+               log: Callable[[str], None] = print) -> TriageSummary:
+    """Triage ``scans`` into the derivative dataset ``out_dir`` (see the module docstring).
+
+    Scans whose record says ``ok`` are skipped. Preprocessing runs in ``nprocs`` worker
+    processes while the networks run here, one scan at a time.
+    """
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    write_dataset_description(out_dir, bundle, source or "unknown")
+    todo, skipped = [], 0
+    for scan in scans:
+        rec = read_record(out_dir, scan)
+        if rec is not None and rec.get("status") == "ok":
+            skipped += 1
+        else:
+            todo.append(scan)
+    if skipped:
+        log(f"{skipped} scan(s) already triaged in {out_dir}: skipped")
+    models = load_models(bundle) if todo else []
+    settings = bundle.preprocess_settings
+    jobs = [(i, scan, settings) for i, scan in enumerate(todo)]
+    n_ok = n_error = 0
+    seconds = []
+    bar = tqdm(total=len(todo), desc="triage", unit="scan", disable=not progress)
+    pool = get_context("spawn").Pool(nprocs) if nprocs > 1 and len(jobs) > 1 else None
+    try:
+        prepared = pool.imap(_prepare, jobs) if pool else map(_prepare, jobs)
+        for index, case, prep_s in prepared:
+            scan = todo[index]
+            start = time.perf_counter()
+            if isinstance(case, str):
+                error_record(out_dir, scan, case, prep_s)
+                n_error += 1
+                log(f"{scan.prefix}: error: {case}")
+            else:
+                result = triage_case(bundle, models, case)
+                total = prep_s + time.perf_counter() - start
+                rec = write_scan(out_dir, scan, result, total)
+                n_ok += 1
+                seconds.append(total)
+                verdict = "FLAGGED" if rec["flagged"] else "passed"
+                log(f"{scan.prefix}: {verdict} ({total:.1f} s)"
+                    + (f": {rec['reason']}" if rec["flagged"] else ""))
+            bar.update()
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    table = write_group(out_dir, bundle)
+    return TriageSummary(table, n_ok, n_error, skipped, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the truth is known (synthetic new scans): what the flags achieved
+
+
+def score_against_truth(out_dir: str | Path, truth: pd.DataFrame, quality_threshold: float
+                        ) -> tuple[pd.DataFrame, dict]:
+    """Each triaged scan's true lesion Dice (its mask against ``truth['truth']``, both on the
+    input FLAIR's grid) and the realised precision, recall and review fraction of the flags.
+
+    ``truth`` has ``participant_id`` and ``truth`` (a mask path) per scan; only triage that
+    ran (status ok) is scored. Failure is Dice below ``quality_threshold``, as in the study.
+    """
+    import nibabel as nib
+
+    from ..qc.metrics import dice
+
+    out_dir = Path(out_dir)
+    table = group_table(out_dir)
+    table = table[table["status"] == "ok"].merge(truth, on="participant_id", how="inner")
+    rows = []
+    for row in table.itertuples():
+        record = json.loads((out_dir / row.record).read_text())
+        pred = np.asarray(nib.load(out_dir / record["files"]["mask"]).dataobj) > 0
+        ref = np.asarray(nib.load(row.truth).dataobj) > 0
+        if pred.shape != ref.shape:
+            raise ValueError(f"{row.truth}: grid {ref.shape} differs from the triage mask "
+                             f"{pred.shape}")
+        rows.append({"participant_id": row.participant_id, "true_dice": dice(pred, ref)})
+    scored = table.merge(pd.DataFrame(rows, columns=["participant_id", "true_dice"]),
+                         on="participant_id")
+    scored["failed"] = scored["true_dice"] < quality_threshold
+    return scored, realised(scored)
+
+
+def realised(scored: pd.DataFrame) -> dict:
+    """Precision, recall and review fraction of the flags on scans with known failure."""
+    flagged = scored["flagged"].astype(bool).to_numpy()
+    failed = scored["failed"].astype(bool).to_numpy()
+    tp = int((flagged & failed).sum())
+    return {
+        "n_scans": len(scored), "n_failed": int(failed.sum()), "n_flagged": int(flagged.sum()),
+        "precision": tp / flagged.sum() if flagged.any() else math.nan,
+        "recall": tp / failed.sum() if failed.any() else math.nan,
+        "review_fraction": float(flagged.mean()) if len(scored) else math.nan,
+    }
+
+
+def promise_vs_realised(card: dict, scored: pd.DataFrame, group: str = "kind") -> pd.DataFrame:
+    """The model card's test-fold operating point (with its interval) beside what the flags
+    achieved on the triaged scans, overall and per ``group`` (e.g. the kind of new scan)."""
+    op = card["test_operating_point"]
+
+    def promised(name: str) -> str:
+        d = op[name]
+        if d["estimate"] is None or not math.isfinite(d["estimate"]):
+            return "undefined"
+        return f"{d['estimate']:.2f} [{d['low']:.2f}, {d['high']:.2f}]"
+
+    columns = {"promised (study test folds, 95 % CI)": {
+        "precision": promised("precision"), "recall": promised("recall"),
+        "review_fraction": promised("review_fraction"), "n_scans": op["n_cases"],
+        "n_failed": op["n_failed"], "n_flagged": op["n_flagged"]}}
+    parts = [("realised: all new scans", scored)] + [
+        (f"realised: {name}", part) for name, part in scored.groupby(group, sort=False)]
+    for label, part in parts:
+        r = realised(part)
+        columns[label] = {k: (f"{v:.2f}" if isinstance(v, float) and math.isfinite(v)
+                              else ("undefined" if isinstance(v, float) else v))
+                          for k, v in r.items()}
+    order = ["precision", "recall", "review_fraction", "n_scans", "n_failed", "n_flagged"]
+    return pd.DataFrame(columns).loc[order]

@@ -1,0 +1,419 @@
+"""The evaluation chapter over all folds: which QC scores exist, their comparison in the paper's
+Table 1 form and in today's ranking metrics, and the figures that show them.
+
+Everything reads the per-fold case tables (``fold<k>/cases.csv``); thresholds are chosen on
+each fold's validation rows and applied to its test rows (:mod:`wmhqc_lib.qc.evaluation`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ..qc import evaluation as ev
+
+# The paper's Figure 3 panels, in order, with the score each shows.
+FIGURE3_PANELS = (("a", "uncertainty_vs"), ("b", "error_vs"), ("c", "dr_image"),
+                  ("d", "dr_uncertainty"), ("e", "dr_error"))
+
+
+def load_all_cases(results_dir: str | Path, folds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Every fold's case table stacked (one row per fold and subject)."""
+    root = Path(results_dir)
+    paths = sorted(root.glob("fold*/cases.csv"), key=lambda p: int(p.parent.name[4:]))
+    if folds:
+        paths = [p for p in paths if int(p.parent.name[4:]) in set(folds)]
+    if not paths:
+        raise FileNotFoundError(f"{root}: no fold*/cases.csv; run the per-fold steps first")
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+
+
+def available_scores(cases: pd.DataFrame, *, with_baselines: bool = True,
+                     seed: int = 0) -> tuple[pd.DataFrame, list[ev.QCScore]]:
+    """The registered QC scores whose column is filled on every validation and test row, plus
+    the baselines (predicted lesion volume, a seeded random score)."""
+    cases = ev.add_random_score(cases, seed=seed) if with_baselines else cases
+    scored = cases[cases["split"].isin(["val", "test"])]
+    scores = []
+    for spec in ev.QC_SCORES:
+        if spec.baseline and not with_baselines:
+            continue
+        if spec.column in scored and scored[spec.column].notna().all():
+            scores.append(spec)
+    return cases, scores
+
+
+def compare(cases: pd.DataFrame, scores: Sequence[ev.QCScore], select: str = "f1", *,
+            quality_threshold: float = ev.QUALITY_THRESHOLD,
+            dice_column: str = ev.DICE_COLUMN) -> dict[str, ev.FoldEvaluation]:
+    """Each score evaluated per fold with a threshold chosen on that fold's validation rows."""
+    return {s.name: ev.evaluate_folds(cases, s, select=select,
+                                      quality_threshold=quality_threshold,
+                                      dice_column=dice_column) for s in scores}
+
+
+def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: int = 1000,
+                  seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
+                  dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Threshold-free ranking metrics on all test rows pooled over folds, with bootstrap 95 %
+    intervals (over cases) for :data:`~wmhqc_lib.qc.evaluation.BOOTSTRAP_METRICS`."""
+    test = ev.scored_rows(cases)
+    rows = []
+    for spec in scores:
+        # AUROC, AURC, e-AURC and correlations do not depend on the threshold
+        metrics = ev.evaluate_score(test, spec, threshold=float(test[spec.column].median()),
+                                    quality_threshold=quality_threshold,
+                                    dice_column=dice_column)
+        boot = ev.bootstrap_intervals(test, spec, n_boot=n_boot, seed=seed,
+                                      quality_threshold=quality_threshold,
+                                      dice_column=dice_column)
+        sign = 1.0 if spec.higher_is_better else -1.0
+        row = {"score": spec.label, "failure_auroc": metrics["failure_auroc"],
+               "aurc": metrics["aurc"], "eaurc": metrics["eaurc"],
+               "norm_aurc": metrics["norm_aurc"],
+               "spearman_r": metrics["spearman_r"], "pearson_r": metrics["pearson_r"],
+               # rank agreement with Dice in the score's own direction (+1 = perfect)
+               "spearman_oriented": sign * metrics["spearman_r"]}
+        for metric in ev.BOOTSTRAP_METRICS:
+            row[f"{metric}_low"] = float(boot.loc[metric, "low"])
+            row[f"{metric}_high"] = float(boot.loc[metric, "high"])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("score")
+
+
+def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
+    """:func:`ranking_table` for reading: each metric with its interval in one column, so the
+    table fits the page (the numeric table stays available as CSV)."""
+    def cell(row: pd.Series, metric: str) -> str:
+        low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+        if row[metric] is None or not np.isfinite(row[metric]):
+            return "n/a"
+        if low is None or not (np.isfinite(low) and np.isfinite(high)):
+            return f"{row[metric]:.3f}"
+        return f"{row[metric]:.3f} [{low:.3f}, {high:.3f}]"
+
+    shown = {"failure AUROC": "failure_auroc", "AURC": "aurc", "e-AURC": "eaurc",
+             "normalised AURC": "norm_aurc", "Pearson r": "pearson_r"}
+    return pd.DataFrame({label: [cell(row, m) for _, row in ranking.iterrows()]
+                         for label, m in shown.items()}, index=ranking.index)
+
+
+def table1_at_a_glance(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 beside ours, one row per (QC score, metric), the mean over folds of
+    each: narrow enough for the page. Precision and recall appear twice, in the paper's
+    convention (its code computed TN/(TN+FP) and TN/(TN+FN)) and in the standard one
+    (positive = failed case), which the paper did not report."""
+    metrics = [("Pearson r", "pearson_r"), ("Dice after filtering (median)",
+                                             "median_dice_after"),
+               ("Precision, the paper's TN/(TN+FP)", "paper_precision"),
+               ("Recall, the paper's TN/(TN+FN)", "paper_recall"),
+               ("Precision, standard TP/(TP+FP)", "precision"),
+               ("Recall, standard TP/(TP+FN)", "recall"),
+               ("N failed segmentations identified", "n_flagged"), ("MAE", "mae")]
+    rows = []
+    for label in paper.columns.get_level_values(0).unique():
+        for name, metric in metrics:
+            theirs = paper[(label, "mean")].get(metric, np.nan) if (label, "mean") in paper \
+                else np.nan
+            mine = ours[(label, "mean")].get(metric, np.nan) if (label, "mean") in ours \
+                else np.nan
+            rows.append({"QC score": label, "metric": name, "paper": theirs, "ours": mine})
+    return pd.DataFrame(rows).set_index(["QC score", "metric"])
+
+
+def choose_score(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
+                 dice_column: str = ev.DICE_COLUMN) -> tuple[ev.QCScore, pd.DataFrame]:
+    """The score carried into the single-score tables, chosen without any test row.
+
+    Rule, the same for every score: pool the validation rows (``split == "val"``) of all folds
+    and take the lowest AURC there. Baselines are not eligible (they are what a method must
+    beat); equal AURCs go to the score listed first in ``scores``. Only validation rows are
+    read, so nothing about the test rows, garbage included, can change the choice. Returns the
+    chosen spec and a table of each candidate's validation AURC, e-AURC and normalised AURC.
+    """
+    if "split" not in cases.columns:
+        raise ValueError("choosing a score needs a 'split' column with val rows")
+    val = cases[cases["split"].astype(str) == "val"]
+    candidates = [s for s in scores if not s.baseline]
+    if not candidates:
+        raise ValueError("no eligible score: every score given is a baseline")
+    rows = []
+    for position, spec in enumerate(candidates):
+        # the threshold does not enter AURC, e-AURC or normalised AURC
+        m = ev.evaluate_score(val, spec, threshold=0.0, dice_column=dice_column)
+        rows.append({"score": spec.label, "name": spec.name, "n_val_rows": len(val),
+                     "aurc_val": m["aurc"], "eaurc_val": m["eaurc"],
+                     "norm_aurc_val": m["norm_aurc"], "_order": position})
+    table = pd.DataFrame(rows).sort_values(["aurc_val", "_order"], kind="stable")
+    chosen = candidates[int(table["_order"].iloc[0])]
+    table["chosen"] = table["name"] == chosen.name
+    return chosen, table.drop(columns="_order").set_index("score")
+
+
+def _overlapping(ranking: pd.DataFrame, metric: str, best: str) -> list[str] | None:
+    """Scores whose bootstrap interval of ``metric`` overlaps the best score's; None when the
+    ranking has no interval for it."""
+    low, high = f"{metric}_low", f"{metric}_high"
+    if low not in ranking or high not in ranking:
+        return None
+    lo, hi = ranking.loc[best, low], ranking.loc[best, high]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None
+    others = ranking.drop(index=best)
+    overlap = (others[low] <= hi) & (others[high] >= lo)
+    return list(others.index[overlap.fillna(False).to_numpy(dtype=bool)])
+
+
+def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Which score is best on each metric (computed, not typed), and whether it really is.
+
+    On the test rows pooled over folds: lowest AURC / e-AURC, highest normalised AURC, failure
+    AUROC and Spearman in the score's direction. Where :func:`ranking_table` has a bootstrap
+    95 % interval, the pick shows it, ``tied with`` lists every score whose interval overlaps
+    the pick's, and the verdict says "tie" when any does: a point estimate alone would crown a
+    winner the cases cannot tell apart. In the Table 1 form (means over folds, no interval):
+    highest recall and precision, highest median Dice after filtering, fewest cases reviewed.
+    """
+    picks = []
+    for metric, best in (("aurc", "min"), ("eaurc", "min"), ("norm_aurc", "max"),
+                         ("failure_auroc", "max"), ("spearman_oriented", "max")):
+        if metric not in ranking:
+            continue
+        col = ranking[metric].dropna()
+        if not len(col):
+            continue
+        name = col.idxmin() if best == "min" else col.idxmax()
+        tied = _overlapping(ranking, metric, name)
+        low = float(ranking.loc[name, f"{metric}_low"]) if tied is not None else np.nan
+        high = float(ranking.loc[name, f"{metric}_high"]) if tied is not None else np.nan
+        if tied is None:
+            verdict = f"{name} (point estimate; no interval)"
+        elif tied:
+            verdict = f"tie: {name} with {', '.join(tied)} (overlapping 95 % intervals)"
+        else:
+            verdict = f"{name} (its 95 % interval overlaps no other score's)"
+        picks.append({"metric": metric, "basis": "test cases pooled over folds",
+                      "best score": name, "value": float(col[name]), "low": low, "high": high,
+                      "tied with": ", ".join(tied or []), "verdict": verdict})
+    has_means = "mean" in table.columns.get_level_values("across folds")
+    means = table.xs("mean", axis=1, level="across folds") if has_means else pd.DataFrame()
+    for metric, best in (("recall", "max"), ("precision", "max"),
+                         ("median_dice_after", "max"), ("review_fraction", "min")):
+        if metric in means.index:
+            row = means.loc[metric].dropna()
+            if len(row):
+                name = row.idxmin() if best == "min" else row.idxmax()
+                picks.append({"metric": metric, "basis": "mean over folds, val-chosen threshold",
+                              "best score": name, "value": float(row[name]), "low": np.nan,
+                              "high": np.nan, "tied with": "",
+                              "verdict": f"{name} (point estimate; no interval)"})
+    return pd.DataFrame(picks)
+
+
+def dice_by_grid(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per fold, on test rows: median lesion Dice on the subject's native grid (``true_dice``)
+    and on the profile grid (``true_dice_grid``), and how many references are empty.
+
+    Shows what exists: a column the case tables lack (older runs) is left out, not invented.
+    """
+    test = ev.scored_rows(cases)
+    if "fold" not in test:
+        test = test.assign(fold="all")
+    out = pd.DataFrame(index=pd.Index(sorted(test["fold"].unique()), name="fold"))
+    groups = test.groupby("fold")
+    out["n_test"] = groups.size()
+    for column, label in (("true_dice", "median Dice, native grid"),
+                          ("true_dice_grid", "median Dice, profile grid")):
+        if column in test:
+            out[label] = groups[column].median()
+    if "true_dice" in test and "true_dice_grid" in test:
+        out["native - grid"] = out["median Dice, native grid"] - out["median Dice, profile grid"]
+    if "reference_empty" in test:
+        empty = test["reference_empty"].astype(str).str.lower().isin(["true", "1", "1.0"])
+        out["empty reference"] = empty.groupby(test["fold"]).sum().astype(int)
+    return out
+
+
+def dice_grid_note(grid: pd.DataFrame) -> str:
+    """One computed sentence on what measuring Dice on the profile grid changes."""
+    native, coarse = "median Dice, native grid", "median Dice, profile grid"
+    if native in grid and coarse in grid:
+        diff = float((grid[native] - grid[coarse]).mean())
+        text = (f"Averaged over folds, the median test Dice is {grid[native].mean():.3f} on the "
+                f"native grid and {grid[coarse].mean():.3f} on the profile grid: judged on the "
+                f"native grid a segmentation scores {abs(diff):.3f} "
+                f"{'higher' if diff > 0 else 'lower'} than on the profile grid.")
+    else:
+        text = ("These case tables have no profile-grid Dice (`true_dice_grid`, written by newer "
+                "runs): only the Dice they hold is shown.")
+    if "empty reference" in grid:
+        text += f" {int(grid['empty reference'].sum())} test case(s) have an empty reference."
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _label(spec: ev.QCScore) -> str:
+    return spec.label
+
+
+def figure3_panels(cases: pd.DataFrame, note: str = "",
+                   dice_column: str = ev.DICE_COLUMN) -> go.Figure:
+    """The paper's Figure 3 across folds: each available score against true Dice, test rows,
+    one colour per fold, Pearson r in each panel title (identity line on Dice-scale panels)."""
+    from scipy.stats import pearsonr
+
+    test = ev.scored_rows(cases)
+    panels = [(letter, ev.qc_score(name)) for letter, name in FIGURE3_PANELS
+              if name in test and test[name].notna().all()]
+    if not panels:
+        raise ValueError("no Figure 3 score is available in the case tables")
+    titles = []
+    for letter, spec in panels:
+        r = pearsonr(test[spec.column], test[dice_column])[0] if len(test) > 2 else np.nan
+        titles.append(f"({letter}) {spec.label}: r = {r:.2f}")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, vertical_spacing=0.18)
+    palette = px.colors.qualitative.Plotly
+    for i, (_, spec) in enumerate(panels, start=1):
+        row, col = (i - 1) // cols + 1, (i - 1) % cols + 1
+        for j, (fold, group) in enumerate(test.groupby("fold")):
+            fig.add_trace(go.Scatter(x=group[spec.column], y=group[dice_column], mode="markers",
+                                     name=f"fold {fold}", legendgroup=f"fold {fold}",
+                                     showlegend=i == 1,
+                                     marker={"color": palette[j % len(palette)], "size": 6},
+                                     text=group["subject_id"]), row=row, col=col)
+        if spec.dice_scale:
+            fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", showlegend=False,
+                                     line={"dash": "dot", "color": "grey"}), row=row, col=col)
+        fig.update_xaxes(title_text=spec.label, row=row, col=col)
+        if col == 1:
+            fig.update_yaxes(title_text="true lesion Dice", row=row, col=col)
+    # no fixed width: the figure takes the page's content column
+    fig.update_layout(title=f"QC scores against true Dice, test cases of all folds{note}",
+                      height=330 * rows + 60, margin={"t": 80})
+    return fig
+
+
+def _curve_figure(curves: dict[str, pd.DataFrame], x: str, y: str, title: str,
+                  xlabel: str, ylabel: str, extra: list[go.Scatter] | None = None) -> go.Figure:
+    fig = go.Figure()
+    for label, curve in curves.items():
+        fig.add_trace(go.Scatter(x=curve[x], y=curve[y], mode="lines", name=label))
+    for trace in extra or []:
+        fig.add_trace(trace)
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, height=420,
+                      margin={"t": 60})
+    return fig
+
+
+def risk_coverage_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore], note: str = "",
+                         **kw) -> go.Figure:
+    """Selective risk (1 - Dice of kept cases) against coverage, with the oracle's curve: the
+    curves whose areas are the AURC (tied scores leave in one step)."""
+    test = ev.scored_rows(cases)
+    curves = {s.label: ev.risk_coverage_curve(test, s, **kw) for s in scores}
+    best = ev.risk_coverage_curve(test, scores[0], oracle=True, **kw)
+    oracle = go.Scatter(x=best["coverage"], y=best["selective_risk"], mode="lines",
+                        name="oracle (true Dice order)", line={"dash": "dot", "color": "black"})
+    return _curve_figure(curves, "coverage", "selective_risk",
+                         f"Risk-coverage, test cases of all folds{note}", "coverage",
+                         "selective risk (mean 1 - Dice of kept cases)", [oracle])
+
+
+def roc_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore], note: str = "",
+               **kw) -> go.Figure:
+    """Failure-detection ROC curves (positive class: failed case)."""
+    test = ev.scored_rows(cases)
+    curves = {s.label: ev.failure_roc_curve(test, s, **kw) for s in scores}
+    chance = go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
+                        line={"dash": "dot", "color": "grey"})
+    return _curve_figure(curves, "fpr", "tpr", f"Failure detection ROC{note}",
+                         "false-positive rate", "true-positive rate (recall of failures)",
+                         [chance])
+
+
+def workload_figure(cases: pd.DataFrame, scores: Sequence[ev.QCScore],
+                    evaluations: dict[str, ev.FoldEvaluation], note: str = "",
+                    **kw) -> go.Figure:
+    """Fraction of cases sent to review against fraction of failures missed; each score's
+    validation-chosen operating point (pooled over folds) marked on its curve."""
+    test = ev.scored_rows(cases)
+    curves = {s.label: ev.workload_curve(test, s, **kw) for s in scores}
+    points = []
+    for s in scores:
+        pooled = evaluations[s.name].pooled
+        points.append(go.Scatter(x=[pooled["review_fraction"]],
+                                 y=[pooled["missed_failure_fraction"]], mode="markers",
+                                 marker={"size": 10, "symbol": "x"},
+                                 name=f"{s.label}: chosen threshold"))
+    fig = _curve_figure(curves, "review_fraction", "missed_failure_fraction",
+                        f"Review workload against missed failures{note}",
+                        "fraction of cases sent to review",
+                        "fraction of failures missed", points)
+    fig.add_vline(x=0.155, line_dash="dot",
+                  annotation_text="paper: 15.5 % reviewed (84.5 % need no review)")
+    return fig
+
+
+def per_fold_figure(evaluations: dict[str, ev.FoldEvaluation], metric: str,
+                    note: str = "") -> go.Figure:
+    """One metric per fold and score (the paper's SI Figures 4-5 form)."""
+    rows = []
+    for ev_ in evaluations.values():
+        for fold, row in ev_.per_fold.iterrows():
+            rows.append({"score": ev_.score.label, "fold": str(row.get("fold", fold)),
+                         metric: row[metric]})
+    frame = pd.DataFrame(rows)
+    fig = px.bar(frame, x="score", y=metric, color="fold", barmode="group",
+                 title=f"{metric} per fold (validation-chosen thresholds){note}")
+    fig.update_layout(height=380, margin={"t": 60})
+    return fig
+
+
+#: The evaluation chapter's numbers, written as CSV beside the results (``evaluation/``) and
+#: shipped with the book (``_static/tables``), so a reader can download what a figure shows.
+TABLE_FILES = {"cases": "cases_all_folds.csv", "table1_ours": "table1_ours.csv",
+               "table1_paper": "table1_paper.csv", "ranking": "ranking_test_pooled.csv"}
+
+
+def write_tables(results_dir: str | Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Write the named tables (keys of :data:`TABLE_FILES`) under ``results/<p>/evaluation``.
+
+    File paths inside a table (the per-case NIfTI columns) are made relative to the results
+    folder, so no path of the building machine leaves with the book."""
+    root = Path(results_dir).resolve()
+    folder = Path(results_dir) / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, table in tables.items():
+        table = table.copy()
+        for column in table.select_dtypes(include="object").columns:
+            values = table[column]
+            is_path = values.map(lambda v: isinstance(v, str) and os.path.isabs(v))
+            if is_path.any():
+                table[column] = values.where(~is_path, values.map(
+                    lambda v: os.path.relpath(v, root) if isinstance(v, str) else v))
+        path = folder / TABLE_FILES[name]
+        table.to_csv(path, index=table.index.name is not None or not isinstance(
+            table.index, pd.RangeIndex))
+        out[name] = path
+    return out
+
+
+def table_links(paths: dict[str, Path], prefix: str = "../_static/tables/") -> str:
+    """Markdown links to the book's copies of :func:`write_tables`' files."""
+    labels = {"cases": "per-case table of all folds", "table1_ours": "Table 1, ours",
+              "table1_paper": "Table 1, the paper's", "ranking": "ranking with intervals"}
+    return "Download: " + ", ".join(f"[{labels[k]} (CSV)]({prefix}{p.name})"
+                                    for k, p in paths.items())

@@ -1,0 +1,495 @@
+"""Per-fold steps of the study and the files they write, so each notebook is a few calls.
+
+Layout under one results folder, per fold ``k``::
+
+    fold<k>/mc_unet/        best.keras, last.keras, history.csv, state.json (training)
+    fold<k>/mc/maps/        <subject>.npz: mean, prediction, entropy, mutual information,
+                            variance on the profile grid (float16)
+    fold<k>/mc/native/      <subject>_prediction.nii.gz, <subject>_entropy.nii.gz (test cases)
+    fold<k>/mc/mc_cases.csv true Dice and uncertainty scores of every case of the fold
+    fold<k>/cases.csv       the fold's per-case table: every part joined with site and split
+
+Every case of the fold (train, val, test) gets a row with its split, so later steps can train
+on training rows, choose on validation rows and report on test rows only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Profile
+from ..data import cohort, preprocess
+from ..data.folds import SPLITS
+
+CASE_TABLE_PARTS = ("mc/mc_cases.csv", "rec/rec_cases.csv", "dr/dr_cases.csv")
+
+
+@dataclass(frozen=True)
+class FoldPaths:
+    """Where one fold's steps write."""
+
+    root: Path
+    fold: int
+
+    @classmethod
+    def under(cls, results_dir: str | Path, fold: int) -> FoldPaths:
+        return cls(Path(results_dir) / f"fold{fold}", fold)
+
+    @property
+    def mc_unet(self) -> Path:
+        return self.root / "mc_unet"
+
+    @property
+    def mc(self) -> Path:
+        return self.root / "mc"
+
+    @property
+    def cases(self) -> Path:
+        return self.root / "cases.csv"
+
+    @property
+    def rec_unet(self) -> Path:
+        return self.root / "rec_unet"
+
+    @property
+    def rec(self) -> Path:
+        return self.root / "rec"
+
+    @property
+    def dr(self) -> Path:
+        return self.root / "dr"
+
+
+@dataclass
+class FoldData:
+    """The preprocessed cases of one fold, by split."""
+
+    fold: int
+    cases: dict[str, list[preprocess.PreprocessedCase]]
+    splits: dict[str, str]  # subject -> split
+
+    def all_cases(self) -> list[preprocess.PreprocessedCase]:
+        return [c for split in SPLITS for c in self.cases[split]]
+
+
+def load_fold(results_dir: str | Path, fold: int) -> FoldData:
+    """Read the folds table and the preprocessed cache written by the data step."""
+    _, prep, folds = cohort.load(results_dir)
+    paths = cohort.CohortPaths.under(results_dir)
+    table = folds[folds["fold"] == fold]
+    if table.empty:
+        raise ValueError(f"fold {fold} is not in {paths.folds} "
+                         f"(folds: {sorted(folds['fold'].unique())})")
+    failed = set(prep.loc[prep["status"] == "failed", "subject_id"])
+    cases = {s: [preprocess.load_case(paths.cache, sid)
+                 for sid in table.loc[table["split"] == s, "subject_id"] if sid not in failed]
+             for s in SPLITS}
+    splits = dict(zip(table["subject_id"], table["split"], strict=True))
+    return FoldData(fold, cases, splits)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file (a saved model), so outputs made with another model are not reused."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def voxel_ml(profile: Profile) -> float:
+    """Volume of one profile-grid voxel in millilitres."""
+    return float(np.prod(profile.preprocess.voxel_mm)) / 1000.0
+
+
+def train_mc_unet(profile: Profile, results_dir: str | Path, fold: int,
+                  seed: int | None = None, progress: bool = True):
+    """Train (or resume, or reuse) the fold's MC-dropout U-net; returns a TrainResult."""
+    from ..nets.models import UNetConfig, build_mc_unet
+    from ..nets.training import fit_segmenter
+
+    section = profile.section("mc_unet")
+    data = load_fold(results_dir, fold)
+    cfg = UNetConfig.from_section(section, in_channels=len(preprocess.CHANNELS))
+    _check_divisible(profile, cfg.divisor, section["patch"])
+    seed = profile.seed + fold if seed is None else seed
+    return fit_segmenter(lambda: build_mc_unet(None, cfg), data.cases["train"],
+                         data.cases["val"], FoldPaths.under(results_dir, fold).mc_unet,
+                         section, seed, progress=progress)
+
+
+def _check_divisible(profile: Profile, divisor: int, patch) -> None:
+    for name, shape in (("preprocess.shape", profile.preprocess.shape), ("patch", patch)):
+        if any(int(s) % divisor for s in shape):
+            raise ValueError(f"profile {profile.name!r}: {name} {list(shape)} must be a "
+                             f"multiple of {divisor} in every axis for this U-net depth")
+
+
+def run_uncertainty(profile: Profile, results_dir: str | Path, fold: int, model,
+                    progress: bool = True) -> pd.DataFrame:
+    """MC inference on every case of the fold; writes maps, native NIfTI of the test cases,
+    and the uncertainty part of the per-case table."""
+    from ..qc.uncertainty import run_mc_inference
+
+    section = profile.section("mc_unet")
+    data = load_fold(results_dir, fold)
+    paths = FoldPaths.under(results_dir, fold)
+    cache = cohort.CohortPaths.under(results_dir).cache
+    table = run_mc_inference(model, data.all_cases(), data.splits, paths.mc,
+                             int(section["mc_samples"]), int(section["mc_batch"]),
+                             voxel_ml(profile), fold,
+                             lambda sid: preprocess.load_native_reference(cache, sid),
+                             native_for=[c.subject_id for c in data.cases["test"]],
+                             progress=progress, model_key=file_digest(paths.mc_unet / "best.keras"))
+    write_case_table(results_dir, fold)
+    return table
+
+
+def write_case_table(results_dir: str | Path, fold: int) -> pd.DataFrame:
+    """Join the fold's per-case parts (MC, reconstruction, Dice regression: whichever exist)
+    with dataset and site into ``fold<k>/cases.csv``."""
+    paths = FoldPaths.under(results_dir, fold)
+    manifest, _, folds = cohort.load(results_dir)
+    table = folds.loc[folds["fold"] == fold, ["fold", "subject_id", "split"]]
+    table = table.merge(manifest[["subject_id", "dataset", "site", "synthetic"]],
+                        on="subject_id")
+    for part in CASE_TABLE_PARTS:
+        path = paths.root / part
+        if path.exists():
+            extra = pd.read_csv(path).drop(columns=["fold", "split"], errors="ignore")
+            table = table.merge(extra, on="subject_id", how="left")
+    table.to_csv(paths.cases, index=False)
+    return table
+
+
+def read_case_table(results_dir: str | Path, fold: int) -> pd.DataFrame:
+    path = FoldPaths.under(results_dir, fold).cases
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the uncertainty step (notebook 03)")
+    return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction U-net and Dice regression (notebooks 04 and 05)
+#
+#   fold<k>/rec_unet/        best.keras, last.keras, history.csv, state.json
+#   fold<k>/rec/maps/        <subject>.npz: reconstruction, error, abs_error (float16)
+#   fold<k>/rec/rec_cases.csv error scores and reconstruction quality of every case
+#   fold<k>/dr/<variant>/<input>/  one Dice regressor each (main / widened x 3 input pairs)
+#   fold<k>/dr/widened/      <subject>.npz: extra training pairs of training cases (cache)
+#   fold<k>/dr/dr_cases.csv  predicted Dice of validation and test cases per model
+
+
+def fold_subjects(results_dir: str | Path, fold: int) -> dict[str, str]:
+    """Subject -> split of one fold (cases whose preprocessing failed left out), read from the
+    folds table alone: no image and no ground truth is loaded."""
+    _, prep, folds = cohort.load(results_dir)
+    failed = set(prep.loc[prep["status"] == "failed", "subject_id"])
+    table = folds[(folds["fold"] == fold) & ~folds["subject_id"].isin(failed)]
+    if table.empty:
+        raise ValueError(f"fold {fold} has no cases in {results_dir}")
+    order = {s: i for i, s in enumerate(SPLITS)}
+    table = table.sort_values("split", key=lambda s: s.map(order), kind="stable")
+    return dict(zip(table["subject_id"], table["split"], strict=True))
+
+
+def mc_predictions(results_dir: str | Path, fold: int, subjects) -> dict[str, np.ndarray]:
+    """The MC U-net's binary predictions (``fold<k>/mc/maps``) of the given subjects."""
+    maps = FoldPaths.under(results_dir, fold).mc / "maps"
+    out = {}
+    for sid in subjects:
+        path = maps / f"{sid}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run the uncertainty step (notebook 03)")
+        with np.load(path) as z:
+            out[sid] = z["prediction"] > 0
+    return out
+
+
+def qc_images(results_dir: str | Path, subjects) -> list:
+    """FLAIR and brain of the given subjects, read without their ground truth."""
+    from ..qc.reconstruction import load_qc_image
+
+    cache = cohort.CohortPaths.under(results_dir).cache
+    return [load_qc_image(cache, sid) for sid in subjects]
+
+
+def rec_config(profile: Profile):
+    from ..nets.models import UNetConfig
+
+    return UNetConfig.from_section(profile.section("rec_unet"), in_channels=1)
+
+
+def train_rec_unet(profile: Profile, results_dir: str | Path, fold: int,
+                   seed: int | None = None, progress: bool = True):
+    """Train (or resume, or reuse) the fold's reconstruction U-net; returns a TrainResult.
+
+    Training zeroes the ground-truth lesions of the fold's training cases; validation (model
+    choice) zeroes the validation cases' MC predictions, as QC will.
+    """
+    from ..nets.models import build_rec_unet
+    from ..qc.reconstruction import fit_rec_unet
+
+    section = profile.section("rec_unet")
+    cfg = rec_config(profile)
+    _check_divisible(profile, cfg.divisor, section["patch"])
+    seed = profile.seed + fold if seed is None else seed
+    subjects = fold_subjects(results_dir, fold)
+    cache = cohort.CohortPaths.under(results_dir).cache
+    train = [preprocess.load_case(cache, s) for s, split in subjects.items() if split == "train"]
+    val_ids = [s for s, split in subjects.items() if split == "val"]
+    return fit_rec_unet(lambda: build_rec_unet(None, cfg), train, qc_images(results_dir, val_ids),
+                        mc_predictions(results_dir, fold, val_ids),
+                        FoldPaths.under(results_dir, fold).rec_unet, section, seed,
+                        progress=progress)
+
+
+def run_error_maps(profile: Profile, results_dir: str | Path, fold: int, model,
+                   progress: bool = True) -> pd.DataFrame:
+    """Error maps of every case of the fold with its MC prediction zeroed; writes the maps,
+    ``rec/rec_cases.csv`` and the fold's per-case table. Never reads a ground-truth mask."""
+    from ..qc.reconstruction import model_tag
+    from ..qc.reconstruction import run_error_maps as _run
+
+    paths = FoldPaths.under(results_dir, fold)
+    subjects = fold_subjects(results_dir, fold)
+    table = _run(model, qc_images(results_dir, subjects), mc_predictions(results_dir, fold,
+                                                                         subjects),
+                 subjects, paths.rec, fold, profile.section("rec_unet"),
+                 tag=model_tag(paths.rec_unet), progress=progress)
+    table = table.drop(columns=["model_tag", "prediction_digest"], errors="ignore")
+    table.to_csv(paths.rec / "rec_cases.csv", index=False)
+    write_case_table(results_dir, fold)
+    return table
+
+
+def rec_example_images(results_dir: str | Path, fold: int, subject_id: str) -> dict:
+    """One case's reconstruction input, reconstruction, original FLAIR, error maps and
+    prediction as NIfTI on the profile grid, for figures."""
+    import nibabel as nib
+
+    from ..qc.reconstruction import load_error_maps, zero_region
+
+    paths = FoldPaths.under(results_dir, fold)
+    image = qc_images(results_dir, [subject_id])[0]
+    with np.load(preprocess.case_dir(cohort.CohortPaths.under(results_dir).cache, subject_id)
+                 / "case.npz") as z:
+        affine = z["affine"]
+    pred = mc_predictions(results_dir, fold, [subject_id])[subject_id]
+    maps = load_error_maps(paths.rec / "maps" / f"{subject_id}.npz")
+    volumes = {"input": zero_region(image.flair, pred), "reconstruction": maps["reconstruction"],
+               "original": image.flair, "error": maps["error"],
+               "abs_error": maps["abs_error"], "darker": np.clip(-maps["error"], 0.0, None),
+               "prediction": pred.astype(np.uint8), "brain": image.brain.astype(np.uint8)}
+    return {k: nib.Nifti1Image(np.asarray(v, dtype=np.float32), affine)
+            for k, v in volumes.items()}
+
+
+def figure2_panels(results_dir: str | Path, fold: int, examples: dict[str, str]
+                   ) -> dict[str, list[tuple]]:
+    """The paper's Figure 2 for this fold, in each subject's own (native FLAIR) space.
+
+    One row per example case (``{"small": subject_id, ...}``), seven columns: T1, FLAIR with
+    the ground truth, FLAIR with the prediction, the entropy map, the reconstruction input
+    (prediction blanked), the reconstruction and the signed error map (reconstruction -
+    original, diverging colours: red where the reconstruction is brighter). Profile-grid maps are
+    brought back with :func:`preprocess.map_to_native`. Rows are panels for
+    :func:`plots.plot_map_panels`; the fold's uncertainty and reconstruction steps must have run.
+    """
+    import nibabel as nib
+
+    from ..data import datasets
+
+    manifest = cohort.load(results_dir)[0].set_index("subject_id")
+    cases = read_case_table(results_dir, fold).set_index("subject_id")
+    cache = cohort.CohortPaths.under(results_dir).cache
+    rows = {}
+    for size, sid in examples.items():
+        images = datasets.load_subject(manifest.loc[sid].to_dict() | {"subject_id": sid})
+        case = cases.loc[sid]
+        if not isinstance(case.get("native_prediction"), str):
+            raise ValueError(f"{sid}: no native prediction in fold {fold}'s case table "
+                             "(only test cases have one): run 03_uncertainty for this fold")
+        meta = preprocess.load_case(cache, sid).meta
+        rec = rec_example_images(results_dir, fold, sid)
+        native = {k: preprocess.map_to_native(np.asarray(rec[k].dataobj), meta)
+                  for k in ("input", "reconstruction", "error")}
+        pred = nib.load(case["native_prediction"])
+        rows[f"{size} load, Dice {case['true_dice']:.2f}\n{sid}"] = [
+            ("T1", images.t1, None, "anat"),
+            ("ground truth", images.flair, images.lesion, "contour"),
+            ("prediction", images.flair, pred, "contour"),
+            ("uncertainty (entropy)", images.flair, nib.load(case["native_entropy"]), "heat"),
+            ("rec. input", native["input"], pred, "contour"),
+            ("reconstruction", native["reconstruction"], None, "anat"),
+            ("error: rec. - orig.\n(red > 0, blue < 0)", images.flair, native["error"],
+             "diverging"),
+        ]
+    return rows
+
+
+@dataclass
+class DiceRegressionResult:
+    """The fold's Dice regressors and their predictions."""
+
+    models: dict  # (variant, input kind) -> TrainResult
+    table: pd.DataFrame  # dr_cases.csv
+    n_pairs: dict  # variant -> number of training pairs
+
+    def summary(self) -> pd.DataFrame:
+        """One row per model: training pairs, epochs, best epoch and validation loss, time."""
+        from ..qc.regression import INPUT_LABELS
+
+        return pd.DataFrame([{
+            "input pair": INPUT_LABELS[kind], "variant": variant,
+            "training pairs": self.n_pairs[variant], "epochs": r.state.get("epochs_run"),
+            "best epoch": r.state.get("best_epoch"),
+            "best val Huber": r.state.get("best_val_huber"),
+            "training s": round(float(r.history["seconds"].sum()), 1),
+            "reused": r.skipped} for (variant, kind), r in self.models.items()])
+
+    def histories(self) -> dict[str, pd.DataFrame]:
+        from ..qc.regression import INPUT_LABELS
+
+        return {f"{INPUT_LABELS[kind]} ({variant})": r.history
+                for (variant, kind), r in self.models.items()}
+
+
+def _case_inputs(rg, sid: str, image, mc_maps: Path, rec_maps: Path):
+    """What a regressor reads of one case, from the given MC and error-map folders."""
+    from ..qc.reconstruction import load_error_maps
+
+    with np.load(mc_maps / f"{sid}.npz") as z:
+        pred, mean, entropy = (z["prediction"] > 0, z["mean"].astype(np.float32),
+                               z["entropy"].astype(np.float32))
+    error = load_error_maps(rec_maps / f"{sid}.npz")["error"]
+    return rg.CaseInputs(sid, image, pred, mean, entropy, error)
+
+
+def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
+                          seed: int | None = None, progress: bool = True
+                          ) -> DiceRegressionResult:
+    """Train (or reuse) the three Dice regressors of the fold, main and widened variant;
+    predict validation and test cases; write ``dr/dr_cases.csv`` and the per-case table.
+
+    Targets are the true Dice of the fold's training cases (validation cases choose the
+    checkpoint); no test target is read. Widening uses training cases only. The training
+    cases' inputs are in-sample (the outer networks' maps, the paper's design) or out-of-fold
+    (:mod:`wmhqc_lib.study.out_of_fold`), as ``dice_regression.inputs`` says; with
+    ``compare_inputs`` the other source is trained too, its columns suffixed with its name.
+    """
+    import keras
+
+    from ..nets.models import build_dice_regressor
+    from ..nets.training import log_progress
+    from ..qc import regression as rg
+    from ..qc.reconstruction import model_tag
+    from . import out_of_fold as oof
+
+    section = profile.section("dice_regression")
+    rec_section = profile.section("rec_unet")
+    source = oof.input_source(section)
+    sources = [source] + ([s for s in oof.INPUT_SOURCES if s != source]
+                          if section.get("compare_inputs") else [])
+    seed = profile.seed + fold if seed is None else seed
+    paths = FoldPaths.under(results_dir, fold)
+    subjects = fold_subjects(results_dir, fold)
+    ids = {s: [sid for sid, sp in subjects.items() if sp == s] for s in SPLITS}
+    mc_table = pd.read_csv(paths.mc / "mc_cases.csv").set_index("subject_id")
+    val_targets = mc_table.loc[ids["val"], "true_dice"].to_numpy(np.float32)
+    # test targets are never read here
+
+    images = {im.subject_id: im for im in qc_images(results_dir, subjects)}
+    outer = {sid: _case_inputs(rg, sid, images[sid], paths.mc / "maps", paths.rec / "maps")
+             for sid in subjects}
+    if "out_of_fold" in sources:
+        oof.run_out_of_fold(profile, results_dir, fold, progress=progress)
+    cache = cohort.CohortPaths.under(results_dir).cache
+    widen = section.get("widen") or {}
+    variants = ["main"] + (["widened"] if widen.get("enabled", True) and widen else [])
+    shape = tuple(profile.preprocess.shape)
+    batch = int(section["batch_size"])
+    steps = section.get("steps_per_epoch") or max(1, int(np.ceil(len(ids["train"]) / batch)))
+
+    def build():
+        return build_dice_regressor(shape, 2, section["filters"],
+                                    int(section.get("input_pool", 1)),
+                                    float(section.get("negative_slope", 0.3)))
+
+    models, n_pairs, predicted = {}, {}, {}
+    for src in sources:
+        suffix = "" if src == source else f"_{src}"
+        if src == "in_sample":
+            train_inputs = {sid: outer[sid] for sid in ids["train"]}
+            train_targets = mc_table.loc[ids["train"], "true_dice"].to_numpy(np.float32)
+            rec_folders = dict.fromkeys(ids["train"], paths.rec_unet)
+        else:
+            folders = oof.map_folders(results_dir, fold, ids["train"])
+            train_inputs = {sid: _case_inputs(rg, sid, images[sid], *folders[sid])
+                            for sid in ids["train"]}
+            train_targets = oof.out_of_fold_targets(results_dir, fold).loc[
+                ids["train"]].to_numpy(np.float32)
+            rec_folders = {sid: oof.rec_model_of(results_dir, fold, sid)
+                           for sid in ids["train"]}
+        extra: dict[str, dict] = {}
+        if "widened" in variants:
+            loaded: dict[Path, keras.Model] = {}
+            for sid in ids["train"]:  # ground truth of training cases only
+                folder = rec_folders[sid]
+                if folder not in loaded:
+                    loaded[folder] = keras.models.load_model(folder / "best.keras",
+                                                             compile=False)
+                meta = preprocess.load_case(cache, sid).meta
+                reference = preprocess.load_native_reference(cache, sid)
+
+                def true_dice(mask, meta=meta, reference=reference):
+                    return preprocess.native_dice(mask.astype(np.float32), meta, reference)
+
+                extra[sid] = rg.widened_pairs(
+                    loaded[folder], train_inputs[sid], true_dice, widen,
+                    paths.dr / f"widened{suffix}" / f"{sid}.npz", model_tag(folder),
+                    int(rec_section.get("infer_batch", 4)))
+            del loaded
+        for kind in rg.INPUT_KINDS:
+            main = rg.RegressionSet(np.stack([train_inputs[s].pair(kind) for s in ids["train"]]),
+                                    train_targets, list(ids["train"]))
+            val = rg.RegressionSet(np.stack([outer[s].pair(kind) for s in ids["val"]]),
+                                   val_targets, list(ids["val"]))
+            test_x = np.stack([outer[s].pair(kind) for s in ids["test"]])
+            for variant in variants:
+                train = main
+                if variant == "widened":
+                    xs, ys, names = [main.x], [main.y], list(main.ids)
+                    for sid in ids["train"]:
+                        e, case = extra[sid], train_inputs[sid]
+                        for j, name in enumerate(e["names"]):
+                            maps = {"flair": case.image.flair, "entropy": case.entropy,
+                                    "error": e["error"][j]}
+                            xs.append(rg.input_pair(kind, e["masks"][j], **maps)[None])
+                            ys.append(e["dice"][j:j + 1])
+                            names.append(f"{sid}:{name}")
+                    train = rg.RegressionSet(np.concatenate(xs), np.concatenate(ys), names)
+                name = f"{variant}{suffix}"
+                n_pairs[name] = len(train.ids)
+                if progress:
+                    log_progress(f"Dice regressor {rg.INPUT_LABELS[kind]}, {name}: "
+                                 f"{len(train.ids)} training pairs")
+                result = rg.fit_dice_regressor(build, train, val, paths.dr / name / kind,
+                                               section, seed, steps=int(steps),
+                                               progress=progress)
+                models[(name, kind)] = result
+                column = rg.column_name(kind, variant) + suffix
+                predicted[column] = dict(zip(ids["val"], rg.predict_dice(result.model, val.x),
+                                             strict=True))
+                predicted[column].update(zip(ids["test"],
+                                             rg.predict_dice(result.model, test_x),
+                                             strict=True))
+                del train
+
+    rows = [{"fold": fold, "subject_id": sid, "split": split,
+             **{c: float(v[sid]) if sid in v else np.nan for c, v in predicted.items()}}
+            for sid, split in subjects.items()]
+    table = rg.write_table(rows, paths.dr / "dr_cases.csv")
+    write_case_table(results_dir, fold)
+    return DiceRegressionResult(models, table, n_pairs)
