@@ -6,6 +6,10 @@
 #   make lab                       JupyterLab on the notebooks with the project's kernel
 #   make test                      lint + test suite
 #   make bench                     MC U-net speed figures (training, MC batched vs naive)
+#   make check-scale PROFILE=paper every network timed at the profile's sizes on this device,
+#                                  with the projected time of one fold and of the study
+#   make paper-fold                check-scale, then fold 1 of the paper profile end to end
+#                                  (BACKEND=jax where TensorFlow is absent); timing.txt
 #   make install GPU=1             CUDA TensorFlow for a GPU node
 #   make slurm PARTITION=gpu ACCOUNT=proj GPUS=1 TIME=12:00:00   SLURM job array, one task
 #                                  per fold (DRY_RUN=1: write scripts only; SLURM_ARGS=...)
@@ -17,17 +21,24 @@ FOLDS ?=
 DATA_ROOT ?=
 RESULTS ?= results/$(PROFILE)
 GPU ?=
+# Keras backend: empty = TensorFlow when installed, else JAX (wmhqc_lib/__init__.py);
+# BACKEND=jax installs without TensorFlow (bring jax with your CUDA build on a GPU node)
+BACKEND ?=
 PARTITION ?=
 ACCOUNT ?=
 GPUS ?=
 TIME ?=
 DRY_RUN ?=
 SLURM_ARGS ?=
-EXTRA := $(if $(GPU),gpu,cpu)
+EXTRA := $(if $(filter jax,$(BACKEND)),jax,$(if $(GPU),gpu,cpu))
+ifneq ($(BACKEND),)
+export KERAS_BACKEND := $(BACKEND)
+endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test lint reproduce reproduce-data reproduce-final lab slurm bench synth clean help
+.PHONY: install test lint reproduce reproduce-data reproduce-final lab slurm bench check-scale \
+	paper-fold synth clean help
 
 help:
 	@sed -n '2,/^[^#]/{/^#/p}' Makefile
@@ -93,6 +104,18 @@ slurm: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_mc.py --profile $(PROFILE)
+
+# Every network built and timed at the profile's sizes; the table also goes to
+# $(RESULTS)/check_scale.md (and .json). Exit status 2 when a size cannot work.
+check-scale: install
+	$(BIN)/wmhqc check-scale --profile $(PROFILE) --out $(RESULTS)/check_scale.md
+
+# The first GPU fold: check-scale at the paper's sizes, then fold 1 of the paper profile from
+# synthetic data to the book; results/paper/timing.txt holds the step times.
+paper-fold: install
+	$(BIN)/wmhqc check-scale --profile paper --out results/paper/check_scale.md
+	$(MAKE) --no-print-directory reproduce PROFILE=paper FOLDS=1
+	@cat results/paper/timing.txt
 
 synth: install
 	$(BIN)/wmhqc data synth --profile $(PROFILE) --out data/synthetic-$(PROFILE)

@@ -204,6 +204,31 @@ def cmd_triage(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_check_scale(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import subprocess
+
+    if args.backend:
+        loaded = sys.modules.get("keras")
+        if loaded is not None and loaded.backend.backend() != args.backend:
+            # Keras fixes its backend at import: run the check in a fresh interpreter
+            env = dict(os.environ, KERAS_BACKEND=args.backend)
+            return subprocess.call([sys.executable, "-m", "wmhqc_lib.cli", *args.argv], env=env)
+        os.environ["KERAS_BACKEND"] = args.backend
+    from .study import scale
+
+    report = scale.check_scale(_profile(args), cases=args.cases, repeats=args.repeats)
+    table = report.table()
+    print("\n" + table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+        print(f"\nwritten: {args.out} and {args.out.with_suffix('.json').name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmhqc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +309,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps before the first per-fold one, folds = per-fold steps, final = "
                         "the remaining all-fold steps and the book (default: everything)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("check-scale", help="time every network at a profile's sizes and "
+                                           "project one fold and the whole study",
+                       description="Check that the profile's sizes can work, build every "
+                                   "network at them, time one training step of each, a "
+                                   "whole-volume validation pass, the Monte Carlo inference of "
+                                   "one full-size case, one reconstruction and one Dice "
+                                   "regressor step on the device present, and project one "
+                                   "fold and the study from the profile's epochs, steps and "
+                                   "case counts. Exit status 2 when a size cannot work.")
+    add_profile(p)
+    p.add_argument("--backend", choices=("tensorflow", "jax"), default=None,
+                   help="Keras backend (default: $KERAS_BACKEND, else TensorFlow when "
+                        "installed, else JAX)")
+    p.add_argument("--cases", type=int, default=None,
+                   help="cases in the cohort (default: the profile's synthetic cohort)")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per stage (median)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write the table (Markdown) and the figures (JSON beside it)")
+    p.set_defaults(func=cmd_check_scale)
 
     p = sub.add_parser("slurm", help="submit the study to a SLURM cluster (job array)",
                        description="Write three job scripts under <results>/slurm and submit "
@@ -401,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as exc:  # BundleError too

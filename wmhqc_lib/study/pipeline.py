@@ -523,6 +523,9 @@ def build_book(cfg: RunConfig, strict: bool = True) -> Path:
     return stage / "_build" / "html" / "index.html"
 
 
+TIMING_FILE = "timing.txt"  # every step's last recorded seconds, rewritten by each run
+
+
 def timing_table(results: Sequence[StepResult]) -> str:
     """Per-stage timing and status, as printed at the end of every run."""
     lines = [f"{'stage':<28} {'fold':>4} {'status':<8} {'seconds':>8}  detail"]
@@ -586,6 +589,8 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
     if stage == "final":  # the folds ran in other processes: the whole study from its records
         print(f"\nWhole study, from the step records under {cfg.results_dir}:\n"
               + timing_table(recorded_results(cfg)), flush=True)
+    if cfg.results_dir.exists():
+        (cfg.results_dir / TIMING_FILE).write_text(timing_table(recorded_results(cfg)) + "\n")
     print("\n" + run_summary(results), flush=True)
     if failed:
         print(f"\n{len(failed)} step(s) failed or were blocked; executed notebooks of failed "
