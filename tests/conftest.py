@@ -12,6 +12,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 warnings.filterwarnings("ignore", category=UserWarning, module="nilearn")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Work units for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): every test
+    that reads the shared smoke run (the slowest fixture, built once per worker that needs it)
+    in one group, every other module in its own (its module fixtures are built once); the
+    smoke group comes first so that it starts at once. Runs before xdist reads the groups."""
+    def group(item) -> str:
+        return "smoke_run" if "smoke_run" in item.fixturenames else item.nodeid.split("::")[0]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) != "smoke_run")  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def smoke_profile():
     from wmhqc_lib.config import load_profile
@@ -54,20 +68,6 @@ def smoke_run(smoke_cohort, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results, folds=[1])
     return code, results
-
-
-def run_on_jax(script: str) -> str:
-    """Run ``script`` in a fresh interpreter with the JAX backend (Keras picks its backend at
-    import, so it cannot switch inside this process); returns stdout, fails with stderr."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def write_test_notebook(path, body: str) -> None:

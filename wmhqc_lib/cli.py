@@ -220,6 +220,8 @@ def cmd_check_scale(args: argparse.Namespace) -> int:
 
     report = scale.check_scale(_profile(args), cases=args.cases, repeats=args.repeats)
     table = report.table()
+    if args.assume_tflops:
+        table += "\n\n" + report.at_rate(args.assume_tflops)
     print("\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=None,
                    help="cases in the cohort (default: the profile's synthetic cohort)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per stage (median)")
+    p.add_argument("--assume-tflops", type=float, default=None, metavar="RATE",
+                   help="also project the study's convolution work at this sustained rate "
+                        "(TFLOP/s) of a device not measured here, marked as a projection")
     p.add_argument("--out", type=Path, default=None,
                    help="also write the table (Markdown) and the figures (JSON beside it)")
     p.set_defaults(func=cmd_check_scale)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_on_jax
 
 from wmhqc_lib.config import load_profile
 from wmhqc_lib.data.preprocess import NativeReference, PreprocessedCase
@@ -416,33 +415,6 @@ def test_mc_samples_of_a_case_do_not_depend_on_what_ran_before(tmp_path, model):
         assert np.array_equal(one["mean"], two["mean"]), sid
     assert first.set_index("subject_id")["pairwise_dice"].to_dict() == \
         second.set_index("subject_id")["pairwise_dice"].to_dict()
-
-
-JAX_SCRIPT = """
-import numpy as np, keras
-assert keras.backend.backend() == "jax", keras.backend.backend()
-from wmhqc_lib.config import load_profile
-from wmhqc_lib.nets.models import UNetConfig, build_mc_unet
-from wmhqc_lib.nets.training import make_loss
-from wmhqc_lib.qc.uncertainty import mc_samples
-keras.utils.set_random_seed(0)
-cfg = UNetConfig.from_section(load_profile("smoke").section("mc_unet"))
-model = build_mc_unet(None, cfg)
-model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_loss("dice_bce"))
-x = np.random.default_rng(0).normal(size=(2, 16, 16, 16, 2)).astype("float32")
-y = np.zeros((2, 16, 16, 16, 2), "float32"); y[:, 4:8, 4:8, 4:8, 0] = 1
-first = float(model.train_on_batch(x, y))
-for _ in range(15):
-    last = float(model.train_on_batch(x, y))
-s = mc_samples(model, np.moveaxis(x[0], -1, 0), 4, 2)
-assert s.shape == (4, 16, 16, 16) and not np.allclose(s[0], s[1])
-assert last < first, (first, last)
-print("jax ok", first, last)
-"""
-
-
-def test_smoke_model_trains_and_infers_on_jax():
-    assert "jax ok" in run_on_jax(JAX_SCRIPT)
 
 
 def test_checkpoints_are_scored_with_dropout_off(model):

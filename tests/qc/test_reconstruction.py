@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import run_on_jax
 
 from wmhqc_lib.config import load_profile
 from wmhqc_lib.data.preprocess import PreprocessedCase, save_case
@@ -220,32 +219,6 @@ def test_short_rec_training_improves_and_is_reused(tmp_path):
     assert again.skipped
     out = again.model.predict(np.zeros((1, *SHAPE, 1), np.float32), verbose=0)
     assert out.shape == (1, *SHAPE, 1) and np.all(out >= 0)  # ReLU output
-
-
-JAX_SCRIPT = """
-import numpy as np, keras
-assert keras.backend.backend() == "jax", keras.backend.backend()
-from wmhqc_lib.nets.models import UNetConfig, build_dice_regressor, build_rec_unet
-from wmhqc_lib.qc.reconstruction import make_ssim_loss, ssim
-keras.utils.set_random_seed(0)
-x = np.random.default_rng(0).random((2, 16, 16, 16, 1)).astype("float32")
-assert np.allclose(np.asarray(ssim(x, x, window=5)), 1.0, atol=1e-5)
-model = build_rec_unet(None, UNetConfig(base_filters=4, encoder_filters=(8, 16, 32)))
-model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_ssim_loss(5, 1.5, "3d"))
-first = float(model.train_on_batch(x * (x > 0.2), x))
-for _ in range(6):
-    last = float(model.train_on_batch(x * (x > 0.2), x))
-assert last < first, (first, last)
-out = model.predict(x, verbose=0)
-assert out.shape == x.shape and (out >= 0).all()
-reg = build_dice_regressor((16, 16, 16), 2, (4, 8, 8, 8))
-assert reg.predict(np.zeros((1, 16, 16, 16, 2), "float32"), verbose=0).shape == (1, 1)
-print("jax ok", first, last)
-"""
-
-
-def test_rec_unet_and_regressor_run_on_jax():
-    assert "jax ok" in run_on_jax(JAX_SCRIPT)
 
 
 def test_error_by_region_reports_the_sign_inside_the_hole():

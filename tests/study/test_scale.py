@@ -96,6 +96,10 @@ def test_check_scale_times_every_network_on_smoke_and_projects_from_those_times(
     assert math.isclose(report["projection"]["MC inference (every case)"],
                         counts["all"] * steady["MC inference, one case"]
                         + max(tracing["MC inference, one case"], 0.0), rel_tol=1e-9)
+    assert math.isclose(report["work"]["MC inference (every case)"],
+                        counts["all"] * stages["MC inference, one case"]["gflop"], rel_tol=1e-9)
+    assert report["work"]["MC U-net training"] > 3 * stages["MC U-net training step"]["gflop"]
     table = out.read_text()
     assert table in printed
     assert "| **whole study (2 folds)** |" in table and "MC inference, one case" in table
+    assert "TFLOP per fold" in table

@@ -55,10 +55,17 @@ class ScaleReport:
     cases: dict[str, int]
     stages: list[Stage] = field(default_factory=list)
     projection: dict[str, float] = field(default_factory=dict)  # seconds per fold, by step
+    work: dict[str, float] = field(default_factory=dict)  # GFLOP per fold, by step
     folds: int = 5
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
+
+    @property
+    def fold_tflop(self) -> float:
+        """Convolution work of one fold in TFLOP (training steps counted as 3x their forward
+        pass), for a device-independent projection: ``fold_tflop / rate``."""
+        return float(sum(self.work.values())) / 1e3
 
     @property
     def fold_seconds(self) -> float:
@@ -92,7 +99,20 @@ class ScaleReport:
         lines += [f"| {k} | {_hms(v)} |" for k, v in self.projection.items()]
         lines += [f"| **one fold** | **{_hms(self.fold_seconds)}** |",
                   f"| **whole study ({self.folds} folds)** | **{_hms(self.study_seconds)}** |"]
+        if device_mem and self.backend == "jax":
+            lines += ["", "(JAX cannot reset its peak: each device figure is the peak so far.)"]
+        lines += ["", f"Convolution work: {self.fold_tflop:.1f} TFLOP per fold, "
+                  f"{self.fold_tflop * self.folds:.1f} TFLOP for the study (training steps "
+                  "counted as three forward passes)."]
         return "\n".join(lines)
+
+    def at_rate(self, tflops: float) -> str:
+        """The study's convolution work at an *assumed* sustained rate: a projection for a
+        device not measured here, never a measurement."""
+        return (f"At an assumed sustained {tflops:g} TFLOP/s (a projection, not a measurement) "
+                f"the convolutions of one fold would take {_hms(self.fold_tflop / tflops)} and "
+                f"of the study {_hms(self.fold_tflop * self.folds / tflops)}; input pipeline, "
+                "tracing and Python overheads come on top.")
 
 
 def _hms(seconds: float) -> str:
@@ -345,10 +365,10 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
     def guarded(name: str, fix: str, fn: Callable[[], Stage]) -> Stage:
         try:
             stage = fn()
-        except (MemoryError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # TensorFlow's and XLA's out-of-memory errors share no base
             text = str(exc)
             if isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in text or \
-                    "out of memory" in text.lower() or "OOM" in text:
+                    "ResourceExhausted" in type(exc).__name__ or "out of memory" in text.lower():
                 raise ScaleError(f"{name} ran out of memory on {report.device}: {fix}") from exc
             raise
         report.stages.append(stage)
@@ -461,6 +481,7 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
                             conv_flops(regressor, shape) / 1e9, "", repeats, log))
 
     report.projection = project_fold(profile, report, counts)
+    report.work = fold_work(profile, report, counts)
     return report
 
 
@@ -509,4 +530,29 @@ def project_fold(profile: Profile, report: ScaleReport, counts: dict[str, int]
             dr_steps * t["Dice regressor training step"]
             + counts["val"] * t["Dice regressor prediction"])
             + traced("Dice regressor training step", "Dice regressor prediction")),
+    }
+
+
+def fold_work(profile: Profile, report: ScaleReport, counts: dict[str, int]) -> dict[str, float]:
+    """GFLOP of convolutions per fold, step by step (a training step = 3 forward passes)."""
+    g = {s.name.split(",")[0]: s.gflop for s in report.stages}
+    mc, rec, dr = (profile.section(k) for k in ("mc_unet", "rec_unet", "dice_regression"))
+    widen = dr.get("widen") or {}
+    extra_masks = len(widen.get("thresholds", [])) + int(bool(widen.get("dilate"))) + \
+        int(bool(widen.get("erode")))
+    regressors = 3 * (2 if widen else 1)
+    dr_steps = dr.get("steps_per_epoch") or math.ceil(counts["train"] / int(dr["batch_size"]))
+    return {
+        "MC U-net training": int(mc["epochs"]) * (
+            int(mc["steps_per_epoch"]) * 3 * g["MC U-net training step"]
+            + counts["val"] * g["MC U-net validation pass"]),
+        "MC inference (every case)": counts["all"] * g["MC inference"],
+        "Rec U-net training": int(rec["epochs"]) * (
+            int(rec["steps_per_epoch"]) * 3 * g["Rec U-net training step"]
+            + counts["val"] * g["reconstruction"]),
+        "error maps (every case, widened masks)":
+            (counts["all"] + counts["train"] * extra_masks) * g["reconstruction"],
+        f"Dice regressors ({regressors})": regressors * int(dr["epochs"]) * (
+            dr_steps * 3 * g["Dice regressor training step"]
+            + counts["val"] * g["Dice regressor prediction"]),
     }
