@@ -2,7 +2,7 @@
 #   make reproduce                 synthetic cohort, cpu profile, all folds, then the book
 #   make reproduce PROFILE=smoke   a tiny end-to-end run in minutes
 #   make reproduce DATA_ROOT=/data/wmh FOLDS="1 2"
-#   make -j 5 reproduce            folds in parallel (or JOBS=5; smoke defaults to 2)
+#   make reproduce JOBS=5          5 folds side by side (default 2 for smoke and cpu, 1 for paper)
 #   make lab                       JupyterLab on the notebooks with the project's kernel
 #   make test                      lint + test suite
 #   make bench                     MC U-net speed figures (training, MC batched vs naive)
@@ -72,12 +72,18 @@ FOLD_LIST = $(or $(FOLDS),$(shell $(BIN)/python -c "from wmhqc_lib.config import
 REPRO = $(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
 	$(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
-# JOBS folds side by side (default 1; 2 for smoke, whose steps are mostly single-threaded
-# start-up and graph tracing). `make -j N reproduce` also works and wins over JOBS=1.
-ifeq ($(PROFILE),smoke)
+# JOBS folds side by side, each with FOLD_THREADS = cores / JOBS threads for TensorFlow (and
+# OpenMP). Default 2 for smoke and cpu: on 2 cores, two one-thread folds ran two cpu folds in
+# 7 min where one two-thread fold at a time took 13.5 (TensorFlow's own threading gains little
+# on these small 3D convolutions, and start-up, tracing and plotting are single-threaded).
+# 1 for paper: one GPU per fold. With `make -j N reproduce` set JOBS=N too, so that the
+# threads are shared out.
+ifneq ($(filter smoke cpu,$(PROFILE)),)
 JOBS ?= 2
 endif
 JOBS ?= 1
+CORES := $(shell nproc 2>/dev/null || echo 2)
+FOLD_THREADS ?= $(shell echo $$(( $(CORES) / $(JOBS) > 0 ? $(CORES) / $(JOBS) : 1 )))
 
 reproduce: install
 	@$(MAKE) --no-print-directory $(if $(filter-out 1,$(JOBS)),-j$(JOBS)) reproduce-final
@@ -86,7 +92,8 @@ reproduce-data: install
 	$(REPRO) --stage data
 
 reproduce-fold-%: reproduce-data
-	-$(REPRO) --stage folds --folds $*
+	-TF_NUM_INTRAOP_THREADS=$(FOLD_THREADS) TF_NUM_INTEROP_THREADS=$(FOLD_THREADS) \
+		OMP_NUM_THREADS=$(FOLD_THREADS) $(REPRO) --stage folds --folds $*
 
 reproduce-final: $(foreach f,$(FOLD_LIST),reproduce-fold-$(f))
 	$(REPRO) --stage final --folds $(FOLD_LIST)

@@ -31,15 +31,28 @@ def test_reproduce_is_a_data_stage_fold_targets_and_a_final_stage(tmp_path):
     assert all(f"--results {tmp_path}" in ln and "--profile cpu" in ln for ln in lines)
 
 
-def test_folds_side_by_side_by_default_only_for_smoke(tmp_path):
-    assert "-j2 reproduce-final" in dry_run("reproduce", "PROFILE=smoke", f"RESULTS={tmp_path}")
-    cpu = dry_run("reproduce", "PROFILE=cpu", f"RESULTS={tmp_path}")
-    submake = next(ln for ln in cpu.splitlines() if ln.endswith(" reproduce-final"))
+def test_two_folds_side_by_side_for_smoke_and_cpu_one_for_paper(tmp_path):
+    for profile in ("smoke", "cpu"):
+        out = dry_run("reproduce", f"PROFILE={profile}", f"RESULTS={tmp_path}")
+        assert "-j2 reproduce-final" in out, profile
+    paper = dry_run("reproduce", "PROFILE=paper", f"RESULTS={tmp_path}")
+    submake = next(ln for ln in paper.splitlines() if ln.endswith(" reproduce-final"))
     assert not any(word.startswith("-j") for word in submake.split())  # one fold at a time
     assert "-j4 reproduce-final" in dry_run("reproduce", "JOBS=4", f"RESULTS={tmp_path}")
     chosen = dry_run("reproduce-final", "FOLDS=2 4", "DATA_ROOT=/data/wmh", f"RESULTS={tmp_path}")
     assert "--stage folds --folds 2" in chosen and "--stage folds --folds 4" in chosen
     assert "--stage final --folds 2 4" in chosen and "--data-root /data/wmh" in chosen
+
+
+def test_fold_processes_share_the_cores_out(tmp_path):
+    def threads(*args: str) -> set[str]:
+        out = dry_run("reproduce-fold-1", f"RESULTS={tmp_path}", *args).replace("\\\n", " ")
+        line = next(ln for ln in out.splitlines() if "--stage folds" in ln)
+        return {w for w in line.split() if w.startswith(("TF_NUM_INTRAOP", "OMP_NUM"))}
+
+    assert threads("JOBS=2", "CORES=2") == {"TF_NUM_INTRAOP_THREADS=1", "OMP_NUM_THREADS=1"}
+    assert threads("JOBS=1", "CORES=8") == {"TF_NUM_INTRAOP_THREADS=8", "OMP_NUM_THREADS=8"}
+    assert threads("JOBS=4", "CORES=2") == {"TF_NUM_INTRAOP_THREADS=1", "OMP_NUM_THREADS=1"}
 
 
 def test_lab_registers_the_kernel_and_opens_the_notebooks():
