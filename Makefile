@@ -60,8 +60,8 @@ lint: install
 # the other (tests/conftest.py groups them); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup \
-		--no-loadscope-reorder)
+	$(BIN)/pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) \
+		--dist loadgroup --no-loadscope-reorder)
 
 # The chain as make targets: the data stage, one target per fold, then the all-fold chapters
 # and the book, so `make -j N reproduce` runs N folds at once (each step also holds a lock, so
