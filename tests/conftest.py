@@ -12,18 +12,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 warnings.filterwarnings("ignore", category=UserWarning, module="nilearn")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
+def _xdist_group(item) -> str:
+    return "smoke_run" if "smoke_run" in item.fixturenames else item.nodeid.split("::")[0]
+
+
+def pytest_itemcollected(item):
     """Work units for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): every test
     that reads the shared smoke run (the slowest fixture, built once per worker that needs it)
-    in one group, every other module in its own (its module fixtures are built once); the
-    smoke group comes first so that it starts at once. Runs before xdist reads the groups."""
-    def group(item) -> str:
-        return "smoke_run" if "smoke_run" in item.fixturenames else item.nodeid.split("::")[0]
+    in one group, every other module in its own (its module fixtures are built once)."""
+    item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: group(item) != "smoke_run")  # stable: the rest keep their order
+
+def pytest_collection_modifyitems(config, items):
+    """The smoke group first, so that it starts at once; the rest keep their order."""
+    items.sort(key=lambda item: _xdist_group(item) != "smoke_run")
 
 
 @pytest.fixture(scope="session")

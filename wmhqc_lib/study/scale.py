@@ -496,6 +496,16 @@ def _random_case(shape, channels: int, rng: np.random.Generator):
                             np.eye(4), {})
 
 
+def _dice_regression_plan(dr: dict, counts: dict[str, int]) -> tuple[int, int, int]:
+    """Widened masks per training case, regressors trained and steps per epoch."""
+    widen = dr.get("widen") or {}
+    extra_masks = len(widen.get("thresholds", [])) + int(bool(widen.get("dilate"))) + \
+        int(bool(widen.get("erode")))
+    regressors = 3 * (2 if widen else 1)
+    steps = dr.get("steps_per_epoch") or math.ceil(counts["train"] / int(dr["batch_size"]))
+    return extra_masks, regressors, int(steps)
+
+
 def project_fold(profile: Profile, report: ScaleReport, counts: dict[str, int]
                  ) -> dict[str, float]:
     """Seconds per fold, step by step: the measured steady times times the profile's counts,
@@ -503,11 +513,7 @@ def project_fold(profile: Profile, report: ScaleReport, counts: dict[str, int]
     t = {s.name.split(",")[0]: s.seconds for s in report.stages}
     once = {s.name.split(",")[0]: max(s.first_s - s.seconds, 0.0) for s in report.stages}
     mc, rec, dr = (profile.section(k) for k in ("mc_unet", "rec_unet", "dice_regression"))
-    widen = dr.get("widen") or {}
-    extra_masks = len(widen.get("thresholds", [])) + int(bool(widen.get("dilate"))) + \
-        int(bool(widen.get("erode")))
-    regressors = 3 * (2 if widen else 1)
-    dr_steps = dr.get("steps_per_epoch") or math.ceil(counts["train"] / int(dr["batch_size"]))
+    extra_masks, regressors, dr_steps = _dice_regression_plan(dr, counts)
 
     def traced(*names: str) -> float:
         return sum(once[n] for n in names)
@@ -537,11 +543,7 @@ def fold_work(profile: Profile, report: ScaleReport, counts: dict[str, int]) -> 
     """GFLOP of convolutions per fold, step by step (a training step = 3 forward passes)."""
     g = {s.name.split(",")[0]: s.gflop for s in report.stages}
     mc, rec, dr = (profile.section(k) for k in ("mc_unet", "rec_unet", "dice_regression"))
-    widen = dr.get("widen") or {}
-    extra_masks = len(widen.get("thresholds", [])) + int(bool(widen.get("dilate"))) + \
-        int(bool(widen.get("erode")))
-    regressors = 3 * (2 if widen else 1)
-    dr_steps = dr.get("steps_per_epoch") or math.ceil(counts["train"] / int(dr["batch_size"]))
+    extra_masks, regressors, dr_steps = _dice_regression_plan(dr, counts)
     return {
         "MC U-net training": int(mc["epochs"]) * (
             int(mc["steps_per_epoch"]) * 3 * g["MC U-net training step"]
