@@ -17,7 +17,7 @@ import numpy as np
 from wmhqc_lib.config import load_profile
 from wmhqc_lib.data.preprocess import PreprocessedCase
 from wmhqc_lib.nets.models import UNetConfig, build_mc_unet, conv_flops
-from wmhqc_lib.nets.training import Augmentation, PatchDataset, make_loss
+from wmhqc_lib.nets.training import Augmentation, PatchDataset, compile_for_training, make_loss
 from wmhqc_lib.qc.uncertainty import mc_sampler, mc_samples, mc_samples_naive, sample_chunks
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     n, batch = int(section["mc_samples"]), int(section["mc_batch"])
     keras.utils.set_random_seed(0)
     model = build_mc_unet(None, cfg)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=make_loss(section["loss"]))
+    compile_for_training(model, 1e-3, make_loss(section["loss"]))
 
     print(f"backend {keras.backend.backend()}, profile {profile.name}, grid {shape}, "
           f"patch {section['patch']}, batch {section['batch_size']}, N = {n} samples")

@@ -1,31 +1,90 @@
-"""Shared fixtures: one smoke-profile synthetic cohort per test session (about 10 s)."""
+"""Shared fixtures: one smoke-profile synthetic cohort and one smoke run per test session,
+built by whichever pytest-xdist worker asks first and read by every worker."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # the cores shared out among the workers (and the notebook kernels they start), as
+    # `make reproduce` shares them among folds: oversubscribed threads only slow each other
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 warnings.filterwarnings("ignore", category=UserWarning, module="nilearn")
 
+# Scheduling for ``make test`` (``-n 2 --dist loadgroup --no-loadscope-reorder``): each module
+# is one work unit, so its module fixtures are built once. The module that builds the shared
+# smoke run goes first, to one worker; the modules that need nothing from it follow, so the
+# other worker runs them meanwhile; the modules that read the smoke run come last, when it is
+# there, and both workers share them.
+SMOKE_BUILDER = "tests/study/test_pipeline.py"
+# modules whose session fixtures (the exported bundle, the triage run) are worth building once
+GROUPS = {"tests/deploy/test_triage.py": "triage", "tests/deploy/test_triage_report.py": "triage"}
+SMOKE_READERS = ("smoke_run", "smoke_bundle", "triaged")
+# the longest modules that read the smoke run first, so the two workers end close together
+READERS_FIRST = ("tests/study/test_out_of_fold.py", "tests/deploy/test_triage.py",
+                 "tests/deploy/test_triage_report.py")
 
-def _xdist_group(item) -> str:
-    return "smoke_run" if "smoke_run" in item.fixturenames else item.nodeid.split("::")[0]
+
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 def pytest_itemcollected(item):
-    """Work units for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): every test
-    that reads the shared smoke run (the slowest fixture, built once per worker that needs it)
-    in one group, every other module in its own (its module fixtures are built once)."""
-    item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+    module = _module(item)
+    item.add_marker(pytest.mark.xdist_group(GROUPS.get(module, module)))
 
 
 def pytest_collection_modifyitems(config, items):
-    """The smoke group first, so that it starts at once; the rest keep their order."""
-    items.sort(key=lambda item: _xdist_group(item) != "smoke_run")
+    """The smoke builder first, then modules that do not read the smoke run, then those that
+    do (longest first); tests keep their order within a module."""
+    readers = {_module(i) for i in items if set(SMOKE_READERS) & set(i.fixturenames)}
+
+    def rank(item) -> tuple[int, int]:
+        module = _module(item)
+        if module == SMOKE_BUILDER:
+            return 0, 0
+        if module in readers:
+            return 2, READERS_FIRST.index(module) if module in READERS_FIRST else 9
+        return 1, 0
+
+    items.sort(key=rank)
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory) -> Path:
+    """A folder every worker of this test session sees (each xdist worker's base temp folder
+    lies in the session's one)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(shared: Path, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """``build(folder)`` run by the first worker that asks, under a file lock; the others wait
+    for it and get the same folder and the JSON-able dict it returned. Readers must not write
+    into the folder."""
+    folder = shared / name
+    done = folder / ".built.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                done.write_text(json.dumps(build(folder)))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder, json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
@@ -36,13 +95,15 @@ def smoke_profile():
 
 
 @pytest.fixture(scope="session")
-def smoke_cohort(tmp_path_factory, smoke_profile) -> Path:
+def smoke_cohort(shared_tmp, smoke_profile) -> Path:
     """A synthetic cohort written with the smoke profile, shared read-only by the tests."""
     from wmhqc_lib.data import synth
 
-    root = tmp_path_factory.mktemp("smoke_cohort")
-    synth.generate_cohort(root, smoke_profile, progress=False)
-    return root
+    def generate(root: Path) -> dict:
+        synth.generate_cohort(root, smoke_profile, progress=False)
+        return {}
+
+    return built_once(shared_tmp, "smoke_cohort", generate)[0]
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +123,17 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def smoke_run(smoke_cohort, tmp_path_factory):
-    """``make reproduce`` on the smoke cohort, fold 1 only: every chapter and the built book
-    (about two minutes; shared by the pipeline and browser tests)."""
+def smoke_run(smoke_cohort, shared_tmp) -> tuple[int, Path]:
+    """(exit code, results folder) of ``make reproduce`` on the smoke cohort, fold 1 only:
+    every chapter and the built book (about three minutes; read-only for the tests)."""
     from wmhqc_lib.study import pipeline
 
-    results = tmp_path_factory.mktemp("results")
-    code = pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results, folds=[1])
-    return code, results
+    def reproduce(results: Path) -> dict:
+        return {"code": pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=results,
+                                           folds=[1])}
+
+    results, info = built_once(shared_tmp, "smoke_results", reproduce)
+    return info["code"], results
 
 
 def write_test_notebook(path, body: str) -> None:
@@ -93,13 +157,13 @@ def write_test_notebook(path, body: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def smoke_bundle(smoke_run, tmp_path_factory):
+def smoke_bundle(smoke_run):
+    """The bundle that the smoke run's triage chapter exported (fold 1)."""
     code, results = smoke_run
     assert code == 0
-    out = tmp_path_factory.mktemp("bundle") / "smoke-bundle"
     from wmhqc_lib.deploy import bundle
 
-    return bundle.export_study(results, out, profile="smoke", folds=[1])
+    return bundle.load_bundle(results / "triage" / "bundle")
 
 
 def _copy_scan(row, folder: Path, prefix: str) -> None:

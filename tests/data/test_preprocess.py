@@ -21,6 +21,9 @@ SETTINGS = PreprocessSettings(voxel_mm=(4.0, 4.0, 4.0), shape=(40, 44, 40),
                               clip_percentiles=(0.5, 99.5), crop_margin_mm=4.0, workers=1)
 LESION_CENTRE = np.array([12.0, -10.0, 9.0])  # world mm
 LESION_RADIUS = 11.0
+# the same field of view on a 2 mm in-plane native grid (four times fewer voxels), for tests of
+# bookkeeping (caching, independence of cases, failures) rather than of resampling
+COARSE = {"voxel": (2.0, 2.0, 3.0), "shape": (70, 85, 40)}
 
 
 def _world_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -170,8 +173,8 @@ def test_normalisation_is_robust_and_inside_brain_only():
 
 
 def test_cases_are_processed_independently(tmp_path):
-    a = write_case(tmp_path / "a", "a")
-    b = write_case(tmp_path / "b", "b", voxel=(1.0, 1.0, 2.0), shape=(140, 170, 60))
+    a = write_case(tmp_path / "a", "a", **COARSE)
+    b = write_case(tmp_path / "b", "b", voxel=(2.0, 2.0, 2.0), shape=(70, 85, 60))
     # make b's intensities very different: it must not change a's result
     img = nib.load(b["flair"])
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 50 + 1000, img.affine), b["flair"])
@@ -295,7 +298,7 @@ def test_computed_brain_mask_excludes_scalp_on_synthetic_miccai(smoke_manifest):
 
 
 def test_cache_skips_finished_and_redoes_changed_cases(tmp_path):
-    rows = [write_case(tmp_path / s, s) for s in ("s1", "s2")]
+    rows = [write_case(tmp_path / s, s, **COARSE) for s in ("s1", "s2")]
     cache = tmp_path / "cache"
     first = preprocess.preprocess_cohort(pd.DataFrame(rows), cache, SETTINGS, progress=False)
     assert list(first["status"]) == ["computed", "computed"]
@@ -311,8 +314,8 @@ def test_cache_skips_finished_and_redoes_changed_cases(tmp_path):
 
 
 def test_bad_case_is_reported_and_the_others_are_kept(tmp_path):
-    good = write_case(tmp_path / "good", "good")
-    bad = write_case(tmp_path / "bad", "bad")
+    good = write_case(tmp_path / "good", "good", **COARSE)
+    bad = write_case(tmp_path / "bad", "bad", **COARSE)
     Path(bad["t1"]).write_bytes(Path(bad["t1"]).read_bytes()[:200])  # truncated download
     cache = tmp_path / "cache"
     with pytest.raises(DataError) as err:
@@ -332,7 +335,7 @@ def test_missing_cached_case_names_the_folder(tmp_path):
 
 def test_a_new_scan_is_preprocessed_exactly_as_the_study_cases(tmp_path):
     """Triage reads no annotation, yet its input must be the study's input, bit for bit."""
-    row = write_case(tmp_path, "p5", flips=(-1, 1, 1), brain_given=False)
+    row = write_case(tmp_path, "p5", flips=(-1, 1, 1), brain_given=False, **COARSE)
     study = preprocess.preprocess_subject(row, SETTINGS)
     scan = preprocess.preprocess_scan("p5", row["flair"], row["t1"], SETTINGS)
     assert np.array_equal(scan.image, study.image)

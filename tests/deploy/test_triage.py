@@ -200,6 +200,8 @@ def test_a_rerun_skips_finished_scans_and_redoes_an_unfinished_one(triaged, smok
     assert after["qc_score"] == pytest.approx(before["qc_score"])  # deterministic
     assert not stale.exists()
     assert any("already triaged" in line for line in lines)
+    # the networks loaded for the first run were reused, not loaded again
+    assert triage.load_models(smoke_bundle) is smoke_bundle.networks and smoke_bundle.networks
 
 
 def test_the_official_bids_validator_accepts_the_output(triaged):

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-from browsing import ARTIFACTS, PageWatch, served
+from browsing import ARTIFACTS, Tab, served
 
 from wmhqc_lib.deploy import report as triage_report
 from wmhqc_lib.deploy import triage
@@ -231,11 +231,9 @@ def served_reports(triaged):
 
 
 def _open(browser, base: str, rel: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    watch = PageWatch(page, base)  # refuses and reports other hosts
-    page.goto(f"{base}/{rel}", wait_until="load")
-    page.wait_for_timeout(200)  # late console errors
-    return page, watch
+    """A fresh tab on ``rel`` (this module opens two documents: a reused tab saves nothing)."""
+    tab = Tab(browser, base)
+    return tab.open(rel, settle_ms=200)
 
 
 def _images_decoded(page) -> bool:

@@ -1,8 +1,9 @@
 """The networks on Keras' JAX backend (GPU nodes often carry JAX and not TensorFlow).
 
 Keras fixes its backend at import, so the checks run in one fresh interpreter with
-``KERAS_BACKEND=jax`` (one JAX start-up for all of them), on the smallest networks that still
-train: each check reports ``ok`` or its error, and each test reads its own line.
+``KERAS_BACKEND=jax`` and TensorFlow hidden, as on a node that has only JAX (one JAX start-up
+for all of them), on the smallest networks that still train: each check reports ``ok`` or its
+error, and each test reads its own line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import pytest
 
 CHECKS = '''
+import sys
+sys.modules["tensorflow"] = None  # as on a GPU node: no TensorFlow (Keras would import it)
 import json, traceback
 import numpy as np, keras
 assert keras.backend.backend() == "jax", keras.backend.backend()

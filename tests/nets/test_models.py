@@ -308,6 +308,11 @@ def test_ignored_voxels_change_neither_loss_nor_dice():
     assert metrics.dice(pred > 0.5, lesion, ignore) == metrics.dice(other > 0.5, lesion, ignore)
 
 
+# two levels instead of the smoke profile's three: the training tests are about the loop
+# (loss, checkpoints, reuse, resuming), and the smaller graph traces a third faster
+LOOP_CFG = UNetConfig(base_filters=4, encoder_filters=(8, 16), heads=2)
+
+
 def _train(folder: Path, seed: int, epochs: int = 1, steps: int = 6):
     from wmhqc_lib.nets.training import fit_segmenter
 
@@ -315,8 +320,8 @@ def _train(folder: Path, seed: int, epochs: int = 1, steps: int = 6):
                    learning_rate=0.01)
     train = [phantom_case(f"t{i}", i) for i in range(4)]
     val = [phantom_case("v0", 10)]
-    return fit_segmenter(lambda: build_mc_unet(None, CFG), train, val, folder, section, seed,
-                         progress=False)
+    return fit_segmenter(lambda: build_mc_unet(None, LOOP_CFG), train, val, folder, section,
+                         seed, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -364,8 +369,8 @@ def test_interrupted_training_resumes(runs):
                                             default=str))
     (folder / "state.json").write_text(json.dumps(state))
     train = [phantom_case(f"t{i}", i) for i in range(4)]
-    result = fit_segmenter(lambda: build_mc_unet(None, CFG), train, [phantom_case("v0", 10)],
-                           folder, section, 6, progress=False)
+    result = fit_segmenter(lambda: build_mc_unet(None, LOOP_CFG), train,
+                           [phantom_case("v0", 10)], folder, section, 6, progress=False)
     assert result.resumed and not result.skipped
     assert list(result.history["epoch"]) == [1, 2, 3]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from browsing import ARTIFACTS, PageWatch, served
+from browsing import ARTIFACTS, Tab, served
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,14 @@ def served_book(smoke_run):
     assert code == 0
     with served(results / "book" / "_build" / "html") as base:
         yield base, results / "book"
+
+
+@pytest.fixture(scope="module")
+def tab(browser, served_book):
+    """One page that the tests of this module navigate through the book."""
+    tab = Tab(browser, served_book[0])
+    yield tab
+    tab.close()
 
 
 def toc_pages(stage: Path) -> list[str]:
@@ -44,57 +52,40 @@ def toc_pages(stage: Path) -> list[str]:
     return [f"{Path(f).with_suffix('')}.html" for f in files]
 
 
-def _open(browser, base: str, rel: str, viewport: tuple[int, int] = (1280, 900)):
-    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
-    watch = PageWatch(page, base)
-    page.goto(f"{base}/{rel}", wait_until="load")
-    # plotly draws after load; wait until every figure div holds its SVG
-    page.wait_for_function(
-        "Array.from(document.querySelectorAll('.plotly-graph-div'))"
-        ".every(d => d.querySelector('svg.main-svg'))", timeout=30_000)
-    page.wait_for_timeout(300)  # late console errors
-    return page, watch
-
-
 @pytest.mark.slow
-def test_every_page_loads_offline_without_errors(browser, served_book):
-    base, stage = served_book
+def test_every_page_loads_offline_without_errors(tab, served_book):
+    _, stage = served_book
     pages = toc_pages(stage)
     assert len(pages) >= 8  # intro, six chapters, notes
     counts = {}
     for rel in pages:
-        page, watch = _open(browser, base, rel)
+        page, watch = tab.open(rel)
         assert page.title(), rel
         assert not watch.problems, f"{rel}: {watch.problems[:5]}"
         counts[rel] = page.locator(".plotly-graph-div svg.main-svg").count()
-        page.close()
     for chapter in ("01_data", "02_mc_unet", "03_uncertainty", "04_rec_unet",
                     "05_dice_regression", "06_evaluation", "07_triage"):
         assert counts[f"notebooks/{chapter}.html"] >= 1, f"{chapter}: no plotly figure drawn"
 
 
 @pytest.mark.slow
-def test_nilearn_figures_and_viewer_are_present(browser, served_book):
-    base, _ = served_book
-    page, watch = _open(browser, base, "notebooks/04_rec_unet.html")
+def test_nilearn_figures_and_viewer_are_present(tab):
+    page, watch = tab.open("notebooks/04_rec_unet.html")
     images = page.locator("img[src*='_images/']")
     assert images.count() >= 1
     assert all(images.nth(i).evaluate("i => i.complete && i.naturalWidth > 0")
                for i in range(images.count()))  # decoded, not broken
-    page.close()
-    page, watch = _open(browser, base, "notebooks/03_uncertainty.html")
+    page, watch = tab.open("notebooks/03_uncertainty.html")
     frame = page.locator("iframe").first
     frame.wait_for()
     viewer = page.frame_locator("iframe").first
     viewer.locator("canvas").first.wait_for(timeout=15_000)  # brainsprite draws on a canvas
     assert not watch.problems, watch.problems[:5]
-    page.close()
 
 
 @pytest.mark.slow
-def test_threshold_slider_changes_the_counts(browser, served_book):
-    base, _ = served_book
-    page, watch = _open(browser, base, "notebooks/06_evaluation.html")
+def test_threshold_slider_changes_the_counts(tab):
+    page, watch = tab.open("notebooks/06_evaluation.html")
     figure = page.locator(".plotly-graph-div:has(g.slider-container)").first
     figure.scroll_into_view_if_needed()
     title = figure.locator("g.infolayer text.gtitle")
@@ -115,19 +106,17 @@ def test_threshold_slider_changes_the_counts(browser, served_book):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "evaluation_page.png"), full_page=True)
     assert (ARTIFACTS / "evaluation_page.png").stat().st_size > 10_000
-    page.close()
 
 
 @pytest.mark.slow
-def test_both_sliders_recompute_the_counts_in_the_static_page(browser, served_book):
+def test_both_sliders_recompute_the_counts_in_the_static_page(tab):
     """The kernel-free explorer: the score slider changes what is flagged, the quality slider
     changes what counts as failed, and the numbers match the library's for the same position."""
     import json
 
     import numpy as np
 
-    base, _ = served_book
-    page, watch = _open(browser, base, "notebooks/06_evaluation.html")
+    page, watch = tab.open("notebooks/06_evaluation.html")
     box = page.locator(".wmhqc-explorer").first
     box.scroll_into_view_if_needed()
     data = json.loads(box.locator("script[type='application/json']").text_content())
@@ -160,15 +149,13 @@ def test_both_sliders_recompute_the_counts_in_the_static_page(browser, served_bo
     assert int(shown()["flagged"]) == int(flagged.sum())
     assert int(shown()["caught"]) == int((flagged & failed).sum())
     assert not watch.problems, watch.problems[:5]
-    page.close()
 
 
 @pytest.mark.slow
-def test_evaluation_page_content_fits_its_column(browser, served_book):
+def test_evaluation_page_content_fits_its_column(tab):
     """No table, figure or explorer of the evaluation chapter is wider than the text column at
     1400 x 1000 (collapsed blocks count only when opened: they are hidden until then)."""
-    base, _ = served_book
-    page, watch = _open(browser, base, "notebooks/06_evaluation.html", (1400, 1000))
+    page, watch = tab.open("notebooks/06_evaluation.html", (1400, 1000))
     column, wide = page.evaluate("""() => {
       const col = document.querySelector('article.bd-article') || document.querySelector('main');
       const width = col.getBoundingClientRect().width;
@@ -189,4 +176,3 @@ def test_evaluation_page_content_fits_its_column(browser, served_book):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "evaluation_1400x1000.png"))
     assert not watch.problems, watch.problems[:5]
-    page.close()

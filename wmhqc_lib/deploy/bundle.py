@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,9 @@ class Bundle:
     root: Path
     info: dict
     card: dict
+    #: the networks triage loaded from this bundle, kept for its next run in this process
+    #: (loading and tracing them costs seconds per run)
+    networks: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def score(self) -> ev.QCScore:

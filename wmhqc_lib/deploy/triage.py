@@ -204,7 +204,10 @@ class FoldModels:
 
 
 def load_models(bundle: Bundle) -> list[FoldModels]:
-    """Every fold's networks, loaded once."""
+    """Every fold's networks, loaded once per bundle object (a second triage run with the same
+    loaded bundle reuses them, and their traced functions)."""
+    if bundle.networks:
+        return bundle.networks
     import keras
 
     from ..nets import models  # noqa: F401  (registers the custom layers)
@@ -216,7 +219,8 @@ def load_models(bundle: Bundle) -> list[FoldModels]:
 
         out.append(FoldModels(fold, bundle.threshold(fold), load("mc_unet"), load("rec_unet"),
                               {name: load(name) for name in bundle.dr_models}))
-    return out
+    bundle.networks.extend(out)
+    return bundle.networks
 
 
 @dataclass

@@ -9,6 +9,7 @@ training on seeded, augmented patches; validation, and every Dice reported, on w
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 import weakref
@@ -268,11 +269,11 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         self.state["history"].append(row)
         best = self.state.get(f"best_{self.score_name}", -self.sign * np.inf)
         improved = np.isfinite(val) and self.sign * val > self.sign * best
-        if improved:
-            self.state.update({f"best_{self.score_name}": val, "best_epoch": epoch + 1})
-            self.model.save(self.folder / "best.keras")
         self.state["epochs_run"] = epoch + 1
         self.model.save(self.folder / "last.keras")
+        if improved:  # the same file: copied, not serialised twice
+            self.state.update({f"best_{self.score_name}": val, "best_epoch": epoch + 1})
+            shutil.copyfile(self.folder / "last.keras", self.folder / "best.keras")
         _write_state(self.folder, self.state)
         pd.DataFrame(self.state["history"]).to_csv(self.folder / "history.csv", index=False)
         if self.progress:
@@ -306,6 +307,17 @@ class TrainResult:
     state: dict
     resumed: bool
     skipped: bool
+
+
+def compile_for_training(model: keras.Model, learning_rate: float, loss: Callable) -> None:
+    """Compile with Adam and make its slot variables now.
+
+    Made lazily, the slots are created inside the first traced training step, and TensorFlow
+    traces a function that creates variables twice: 2.5 s more start-up per training run on
+    this project's CPU.
+    """
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
+    model.optimizer.build(model.trainable_variables)
 
 
 def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[PreprocessedCase],
@@ -372,7 +384,7 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
     else:
         model = build()
     # on resume the weights come back; Adam's moment estimates start afresh
-    model.compile(optimizer=keras.optimizers.Adam(float(section["learning_rate"])), loss=loss)
+    compile_for_training(model, float(section["learning_rate"]), loss)
     dataset = make_dataset(state["epochs_run"])
     callback = WholeVolumeValidation(val_cases, folder, int(section["patience"]), dataset, state,
                                      progress, score=score, score_name=score_name, mode=mode)
