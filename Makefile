@@ -56,8 +56,9 @@ $(STAMP): pyproject.toml
 lint: install
 	$(BIN)/ruff check wmhqc_lib tests notebooks benchmarks
 
-# Two pytest-xdist workers: the shared smoke run and its readers on one, the other modules on
-# the other (tests/conftest.py groups them); TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers: one builds the shared smoke run while the other runs the modules
+# that need nothing from it; its readers come last, on both (tests/conftest.py orders them).
+# TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) \
