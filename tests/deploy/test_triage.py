@@ -184,8 +184,17 @@ def test_outputs_are_on_the_native_grid_with_sidecars(triaged, bids_input):
 
 
 def test_a_rerun_skips_finished_scans_and_redoes_an_unfinished_one(triaged, smoke_bundle,
-                                                                   bids_input):
+                                                                   bids_input, monkeypatch):
+    import keras
+
     _, out = triaged
+    loaded = list(smoke_bundle.networks)
+    assert loaded  # the first run kept its networks on the bundle
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("a network was loaded again")
+
+    monkeypatch.setattr(keras.models, "load_model", no_reload)
     record = out / "sub-02/anat/sub-02_desc-wmhqc_qc.json"
     before = json.loads(record.read_text())
     record.unlink()  # as if the run had died before the record was written
@@ -200,8 +209,8 @@ def test_a_rerun_skips_finished_scans_and_redoes_an_unfinished_one(triaged, smok
     assert after["qc_score"] == pytest.approx(before["qc_score"])  # deterministic
     assert not stale.exists()
     assert any("already triaged" in line for line in lines)
-    # the networks loaded for the first run were reused, not loaded again
-    assert triage.load_models(smoke_bundle) is smoke_bundle.networks and smoke_bundle.networks
+    # the redone scan ran on the networks loaded for the first run (load_model never called)
+    assert all(a is b for a, b in zip(smoke_bundle.networks, loaded, strict=True))
 
 
 def test_the_official_bids_validator_accepts_the_output(triaged):

@@ -93,6 +93,20 @@ class CaseInputs:
 # Widening (training cases only)
 
 
+def widen_settings(section: Mapping) -> dict:
+    """The ``dice_regression`` section's widening settings; empty when widening is off (no
+    ``widen`` block, or ``enabled: false``), so that ``if widen_settings(section)`` says
+    whether the widened variant is trained."""
+    widen = dict(section.get("widen") or {})
+    return widen if widen.get("enabled", True) else {}
+
+
+def n_widened_masks(settings: Mapping) -> int:
+    """At most how many masks :func:`widened_masks` makes per case with these settings."""
+    return len(settings.get("thresholds", ())) + int(bool(settings.get("dilate"))) + \
+        int(bool(settings.get("erode")))
+
+
 def widened_masks(mean: np.ndarray, prediction: np.ndarray, thresholds: Sequence[float] = (),
                   dilate: int = 0, erode: int = 0) -> dict[str, np.ndarray]:
     """Other plausible masks of one case: the MC mean thresholded at other levels, and the

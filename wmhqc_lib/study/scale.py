@@ -504,10 +504,11 @@ def _random_case(shape, channels: int, rng: np.random.Generator):
 
 def _dice_regression_plan(dr: dict, counts: dict[str, int]) -> tuple[int, int, int]:
     """Widened masks per training case, regressors trained and steps per epoch."""
-    widen = dr.get("widen") or {}
-    extra_masks = len(widen.get("thresholds", [])) + int(bool(widen.get("dilate"))) + \
-        int(bool(widen.get("erode")))
-    regressors = 3 * (2 if widen else 1)
+    from ..qc import regression as rg
+
+    widen = rg.widen_settings(dr)
+    extra_masks = rg.n_widened_masks(widen)
+    regressors = len(rg.INPUT_KINDS) * (2 if widen else 1)
     steps = dr.get("steps_per_epoch") or math.ceil(counts["train"] / int(dr["batch_size"]))
     return extra_masks, regressors, int(steps)
 

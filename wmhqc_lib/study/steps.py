@@ -406,8 +406,8 @@ def train_dice_regressors(profile: Profile, results_dir: str | Path, fold: int,
     if "out_of_fold" in sources:
         oof.run_out_of_fold(profile, results_dir, fold, progress=progress)
     cache = cohort.CohortPaths.under(results_dir).cache
-    widen = section.get("widen") or {}
-    variants = ["main"] + (["widened"] if widen.get("enabled", True) and widen else [])
+    widen = rg.widen_settings(section)
+    variants = ["main"] + (["widened"] if widen else [])
     shape = tuple(profile.preprocess.shape)
     batch = int(section["batch_size"])
     steps = section.get("steps_per_epoch") or max(1, int(np.ceil(len(ids["train"]) / batch)))
