@@ -11,10 +11,21 @@ backend is TensorFlow when it is installed, else JAX (GPU nodes often carry JAX 
 C++ logs; and oneDNN kernels on, which TensorFlow enables by default only on Intel CPUs (on
 the AMD CPUs measured here they make the U-net's 3D convolutions about 2.7x faster). Each can
 be overridden by setting the variable before importing wmhqc_lib.
+
+One import is skipped: ``rfc3987_syntax``, which jsonschema loads only to check the ``iri``
+string formats, builds about 35 Earley parsers when imported (3 s here, up to 8 s when both
+cores are busy). Plotly imports nbformat and so jsonschema in every notebook kernel, and no
+notebook or book schema uses those formats (python-jsonschema/jsonschema#1428). A process that
+imported jsonschema before wmhqc_lib keeps its iri checks; one that needs them after should
+import ``rfc3987_syntax`` first.
 """
 
 import os
+import sys
 from importlib.util import find_spec
+
+if "jsonschema" not in sys.modules:
+    sys.modules.setdefault("rfc3987_syntax", None)  # an ImportError for jsonschema: skipped
 
 if "KERAS_BACKEND" not in os.environ and find_spec("tensorflow") is None \
         and find_spec("jax") is not None:

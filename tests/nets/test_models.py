@@ -65,6 +65,18 @@ def test_model_builds_for_the_smoke_profile(model):
     assert conv_flops(model, SHAPE) > 0
 
 
+@pytest.mark.parametrize("sizes, problem", [({"encoder_filters": ()}, "at least one level"),
+                                             ({"encoder_filters": (8, 16), "heads": 3},
+                                              "heads = 3 must be between 1 and the number of "
+                                              "encoder levels (2"),
+                                             ({"heads": 0}, "heads = 0")])
+def test_unet_sizes_that_cannot_build_are_named(sizes, problem):
+    """More heads than decoder scales built a network whose output was twice the input size,
+    found only by the loss; now the configuration says what is wrong."""
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(")):
+        UNetConfig(**sizes)
+
+
 def test_mc_passes_differ_also_under_predict(model):
     x = phantom_case("a", 0).image
     samples = uncertainty.mc_samples(model, x, 4, 2)

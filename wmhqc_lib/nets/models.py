@@ -61,6 +61,14 @@ class UNetConfig:
     in_channels: int = 2
     heads: int = 3  # decoder scales that carry a segmentation head
 
+    def __post_init__(self):
+        if not self.encoder_filters:
+            raise ValueError("encoder_filters is empty: the U-net needs at least one level")
+        if not 1 <= self.heads <= len(self.encoder_filters):
+            raise ValueError(f"heads = {self.heads} must be between 1 and the number of "
+                             f"encoder levels ({len(self.encoder_filters)}, from "
+                             f"encoder_filters {list(self.encoder_filters)})")
+
     @classmethod
     def from_section(cls, section: dict, in_channels: int = 2) -> UNetConfig:
         return cls(base_filters=int(section["base_filters"]),
