@@ -64,10 +64,11 @@ test: install lint
 	$(BIN)/pytest -q --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) \
 		--dist loadgroup --no-loadscope-reorder)
 
-# The chain as make targets: the data stage, one target per fold, then the all-fold chapters
-# and the book, so `make -j N reproduce` runs N folds at once (each step also holds a lock, so
-# two runs never execute the same step). A failing fold does not stop the others (its recipe's
-# error is ignored with `-`); the final stage then reports it and exits non-zero.
+# The chain as make targets: the data stage, one target per fold and step, then the all-fold
+# chapters and the book, so `make -j N reproduce` runs N fold steps at once (each step also
+# holds a lock, so two runs never execute the same step). A failing step does not stop the
+# other folds (its recipe's error is ignored with `-`; its fold's later steps find it failed
+# and are blocked); the final stage then reports it and exits non-zero.
 FOLD_LIST = $(or $(FOLDS),$(shell $(BIN)/python -c "from wmhqc_lib.config import load_profile; \
 	print(*range(1, load_profile('$(PROFILE)').folds.n_folds + 1))" 2>/dev/null))
 REPRO = $(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
@@ -92,12 +93,33 @@ reproduce: install
 reproduce-data: install
 	$(REPRO) --stage data
 
-reproduce-fold-%: reproduce-data
-	-TF_NUM_INTRAOP_THREADS=$(FOLD_THREADS) TF_NUM_INTEROP_THREADS=$(FOLD_THREADS) \
-		OMP_NUM_THREADS=$(FOLD_THREADS) $(REPRO) --stage folds --folds $*
+# reproduce-fold-<k>-<step> runs one step of fold k after the same fold's previous step.
+# reproduce-final lists them step by step across the folds, so make starts every fold's first
+# step before any fold's second: the last folds' last steps then run side by side, where one
+# target per fold left the fifth fold running alone on one core for its whole chain.
+# reproduce-fold-<k> is fold k's whole chain.
+FOLD_STEPS = $(shell $(BIN)/python -c "from wmhqc_lib.study.pipeline import STEPS; \
+	print(*(s.name for s in STEPS if s.per_fold))" 2>/dev/null)
+FOLD_ENV = TF_NUM_INTRAOP_THREADS=$(FOLD_THREADS) TF_NUM_INTEROP_THREADS=$(FOLD_THREADS) \
+	OMP_NUM_THREADS=$(FOLD_THREADS)
 
-reproduce-final: $(foreach f,$(FOLD_LIST),reproduce-fold-$(f))
-	$(REPRO) --stage final --folds $(FOLD_LIST)
+define fold_step_rule
+reproduce-fold-$(1)-$(2): $(if $(3),reproduce-fold-$(1)-$(3),reproduce-data)
+	-$$(FOLD_ENV) $$(REPRO) --stage folds --folds $(1) --step $(2)
+endef
+
+ifneq ($(filter reproduce-final reproduce-fold-%,$(MAKECMDGOALS)),)
+_STEPS := $(FOLD_STEPS)
+_FOLDS := $(FOLD_LIST)
+# each step with the one before it: 02_mc_unet/- 03_uncertainty/02_mc_unet ...
+_PAIRS := $(wordlist 1,$(words $(_STEPS)),$(join $(addsuffix /,$(_STEPS)),- $(_STEPS)))
+$(foreach f,$(_FOLDS),$(foreach p,$(_PAIRS),$(eval $(call fold_step_rule,$(f),$(word 1,\
+	$(subst /, ,$(p))),$(filter-out -,$(word 2,$(subst /, ,$(p))))))))
+$(foreach f,$(_FOLDS),$(eval reproduce-fold-$(f): reproduce-fold-$(f)-$(lastword $(_STEPS))))
+endif
+
+reproduce-final: $(foreach s,$(_STEPS),$(foreach f,$(_FOLDS),reproduce-fold-$(f)-$(s)))
+	$(REPRO) --stage final --folds $(_FOLDS)
 
 # JupyterLab on the notebooks with the project's kernel, to rerun a fold or move the live
 # threshold sliders of 06_evaluation on the results of the last run.

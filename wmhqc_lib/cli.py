@@ -99,7 +99,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     return pipeline.reproduce(args.profile, data_root=args.data_root, results_dir=args.results,
                               folds=args.folds or (), seed=args.seed, build=not args.no_book,
-                              stage=args.stage)
+                              stage=args.stage, only=args.step)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one part of the chain (as the cluster jobs do): data = all-fold "
                         "steps before the first per-fold one, folds = per-fold steps, final = "
                         "the remaining all-fold steps and the book (default: everything)")
+    p.add_argument("--step", action="append", default=[], metavar="NAME",
+                   help="run only this step of the chain or stage, e.g. 02_mc_unet (repeat "
+                        "for more; its upstream steps must have run); no book")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("check-scale", help="time every network at a profile's sizes and "

@@ -1,5 +1,6 @@
 """The Makefile's chain, read with ``make -n`` (nothing runs): a data stage, one target per fold
-that ``make -j`` can run side by side, a final stage over every fold, and ``make lab``."""
+and step that ``make -j`` can run side by side, a final stage over every fold, and
+``make lab``."""
 
 from __future__ import annotations
 
@@ -21,14 +22,29 @@ def dry_run(*args: str) -> str:
     return proc.stdout
 
 
-def test_reproduce_is_a_data_stage_fold_targets_and_a_final_stage(tmp_path):
+def test_reproduce_is_a_data_stage_fold_step_targets_and_a_final_stage(tmp_path):
+    from wmhqc_lib.study.pipeline import STEPS
+
     out = dry_run("reproduce-final", "PROFILE=cpu", f"RESULTS={tmp_path}")
     lines = [ln for ln in out.splitlines() if "wmhqc reproduce" in ln]
     assert "--stage data" in lines[0]
-    folds = [ln for ln in lines if "--stage folds" in ln]
-    assert [ln.split("--folds ")[1] for ln in folds] == ["1", "2", "3", "4", "5"]
+    runs = [(ln.split("--folds ")[1].split()[0], ln.split("--step ")[1])
+            for ln in lines if "--stage folds" in ln]
+    per_fold = [s.name for s in STEPS if s.per_fold]
+    # step by step across the folds: every fold's first step before any fold's second, so
+    # make -j keeps its lanes busy to the end
+    assert runs == [(f, s) for s in per_fold for f in ("1", "2", "3", "4", "5")]
     assert lines[-1].endswith("--stage final --folds 1 2 3 4 5")
     assert all(f"--results {tmp_path}" in ln and "--profile cpu" in ln for ln in lines)
+
+
+def test_one_fold_is_its_chain_in_order(tmp_path):
+    from wmhqc_lib.study.pipeline import STEPS
+
+    out = dry_run("reproduce-fold-3", "PROFILE=cpu", f"RESULTS={tmp_path}")
+    runs = [ln.split("--step ")[1] for ln in out.splitlines() if "--stage folds --folds 3" in ln]
+    assert runs == [s.name for s in STEPS if s.per_fold]
+    assert "--folds 1 " not in out and "--stage final" not in out
 
 
 def test_two_folds_side_by_side_for_smoke_and_cpu_one_for_paper(tmp_path):
@@ -40,7 +56,8 @@ def test_two_folds_side_by_side_for_smoke_and_cpu_one_for_paper(tmp_path):
     assert not any(word.startswith("-j") for word in submake.split())  # one fold at a time
     assert "-j4 reproduce-final" in dry_run("reproduce", "JOBS=4", f"RESULTS={tmp_path}")
     chosen = dry_run("reproduce-final", "FOLDS=2 4", "DATA_ROOT=/data/wmh", f"RESULTS={tmp_path}")
-    assert "--stage folds --folds 2" in chosen and "--stage folds --folds 4" in chosen
+    assert "--stage folds --folds 2 --step" in chosen and "--stage folds --folds 4 --step" in chosen
+    assert "--folds 1 " not in chosen
     assert "--stage final --folds 2 4" in chosen and "--data-root /data/wmh" in chosen
 
 

@@ -133,3 +133,27 @@ def test_a_fold_that_breaks_after_a_success_blocks_the_final_stage(tmp_path, mon
     cfg.folds = [1, 2]
     final = pipeline.run_steps(cfg, steps, stage="final")
     assert [r.status for r in final] == ["blocked"] and "fold 2 broke" in final[0].detail
+
+
+def test_one_step_of_a_fold_runs_on_the_records_of_the_steps_before_it(tmp_path, monkeypatch,
+                                                                       smoke_cohort):
+    """``reproduce --stage folds --folds K --step NAME`` (one make target per fold and step):
+    only that step runs; it is blocked until its upstream step has a successful record."""
+    import pytest
+
+    steps, cfg = _fold_chain(tmp_path, monkeypatch, smoke_cohort, "print('b', fold)")
+    assert [r.status for r in pipeline.run_steps(cfg, steps, stage="data")] == ["ran"]
+    cfg.folds = [2]
+    early = pipeline.run_steps(cfg, steps, stage="folds", only=["c"])
+    assert [(r.step, r.fold, r.status) for r in early] == [("c", 2, "blocked")]
+    assert "run its stage first" in early[0].detail
+    for name in ("b", "c"):
+        ran = pipeline.run_steps(cfg, steps, stage="folds", only=[name])
+        assert [(r.step, r.fold, r.status) for r in ran] == [(name, 2, "ran")]
+    assert not (cfg.executed_dir / "fold1").exists()  # fold 1 was not asked for
+    with pytest.raises(ValueError, match="step.s. d not in stage folds"):
+        pipeline.run_steps(cfg, steps, stage="folds", only=["d"])
+    with pytest.raises(ValueError, match="step.s. 99_nothing not in stage folds"):
+        pipeline.reproduce("smoke", data_root=smoke_cohort, results_dir=tmp_path / "r",
+                           stage="folds", only=["99_nothing"])
+    assert not (tmp_path / "r").exists()  # refused before any work

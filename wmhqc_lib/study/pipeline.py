@@ -295,16 +295,24 @@ def _blocking(step: Step, fold: int | None, by_name: dict[str, Step],
 
 
 def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
-              stage: str | None = None) -> list[StepResult]:
+              stage: str | None = None, only: Sequence[str] = ()) -> list[StepResult]:
     """Run every step in order; return what ran, was skipped, failed or was blocked.
 
     A failure is tracked per fold: a fold whose step fails blocks that fold's later steps and
     the all-fold steps after it, while the other folds go on. With ``stage`` only that stage's
-    steps run (see :func:`step_stage`); the other steps are neither run nor reported, and
-    their recorded successful runs stand in as upstream (a step that needs one without such a
+    steps run (see :func:`step_stage`), and with ``only`` just the named ones of them (one
+    make target per fold and step); the other steps are neither run nor reported, and their
+    recorded successful runs stand in as upstream (a step that needs one without such a
     record is blocked).
     """
     chosen = {s.name for s in select_steps(stage, steps)}
+    unknown = sorted(set(only) - chosen)
+    if unknown:
+        raise ValueError(f"step(s) {', '.join(unknown)} not in "
+                         f"{'stage ' + stage if stage else 'the chain'} (its steps: "
+                         f"{', '.join(s.name for s in steps if s.name in chosen)})")
+    if only:
+        chosen &= set(only)
     by_name = {s.name: s for s in steps}
     results: list[StepResult] = []
     keys: dict[tuple[str, int | None], str] = {}  # (step, fold) -> key of its successful run
@@ -537,16 +545,21 @@ def timing_table(results: Sequence[StepResult]) -> str:
 
 def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
               results_dir: str | Path | None = None, folds: Sequence[int] = (),
-              seed: int | None = None, build: bool = True, stage: str | None = None) -> int:
+              seed: int | None = None, build: bool = True, stage: str | None = None,
+              only: Sequence[str] = ()) -> int:
     """Synthesize data if needed, run every step, build the book; returns an exit code.
 
     ``stage`` (``data``, ``folds`` or ``final``, see :func:`step_stage`) runs one part of the
     chain, for a cluster job per part: only the data stage synthesizes the default cohort,
-    only the final stage (or a whole run) builds the book.
+    only the final stage (or a whole run) builds the book. ``only`` narrows the stage to the
+    named steps (``make reproduce`` runs each fold's steps as separate targets).
     """
     from ..data import synth
 
-    select_steps(stage)  # an unknown stage fails here, before any work
+    chosen = {s.name for s in select_steps(stage)}  # an unknown stage fails here, before work
+    if set(only) - chosen:
+        raise ValueError(f"step(s) {', '.join(sorted(set(only) - chosen))} not in "
+                         f"{'stage ' + stage if stage else 'the chain'}")
     profile = load_profile(profile_name)
     results = []
     overall = time.perf_counter()
@@ -571,9 +584,9 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
     cfg = RunConfig(profile=profile, data_root=Path(data_root).resolve(),
                     results_dir=Path(results_dir or REPO_ROOT / "results" / profile.name).resolve(),
                     folds=list(folds), seed=seed)
-    results += run_steps(cfg, stage=stage)
+    results += run_steps(cfg, stage=stage, only=only)
     failed = [r for r in results if r.status in ("failed", "blocked")]
-    if build and stage in (None, "final") and not failed:
+    if build and stage in (None, "final") and not only and not failed:
         start = time.perf_counter()
         try:
             index = build_book(cfg)
@@ -590,7 +603,10 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
         print(f"\nWhole study, from the step records under {cfg.results_dir}:\n"
               + timing_table(recorded_results(cfg)), flush=True)
     if cfg.results_dir.exists():
-        (cfg.results_dir / TIMING_FILE).write_text(timing_table(recorded_results(cfg)) + "\n")
+        # two fold jobs may finish at once: each replaces the whole file
+        tmp = cfg.results_dir / f".{TIMING_FILE}.{os.getpid()}"
+        tmp.write_text(timing_table(recorded_results(cfg)) + "\n")
+        tmp.replace(cfg.results_dir / TIMING_FILE)
     print("\n" + run_summary(results), flush=True)
     if failed:
         print(f"\n{len(failed)} step(s) failed or were blocked; executed notebooks of failed "
