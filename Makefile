@@ -2,7 +2,9 @@
 #   make reproduce                 synthetic cohort, cpu profile, all folds, then the book
 #   make reproduce PROFILE=smoke   a tiny end-to-end run in minutes
 #   make reproduce DATA_ROOT=/data/wmh FOLDS="1 2"
-#   make reproduce JOBS=5          5 folds side by side (default 2 for smoke and cpu, 1 for paper)
+#   make reproduce JOBS=5          5 fold steps side by side (default 2 for smoke and cpu, 1 for
+#                                  paper)
+#   make reproduce-fold-3          fold 3's steps alone (after the data stage)
 #   make lab                       JupyterLab on the notebooks with the project's kernel
 #   make test                      lint + test suite
 #   make bench                     MC U-net speed figures (training, MC batched vs naive)
@@ -74,8 +76,8 @@ FOLD_LIST = $(or $(FOLDS),$(shell $(BIN)/python -c "from wmhqc_lib.config import
 REPRO = $(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
 	$(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
-# JOBS folds side by side, each with FOLD_THREADS = cores / JOBS threads for TensorFlow (and
-# OpenMP). Default 2 for smoke and cpu: on 2 cores, two one-thread folds ran two cpu folds in
+# JOBS fold steps side by side, each with FOLD_THREADS = cores / JOBS threads for TensorFlow
+# (and OpenMP). Default 2 for smoke and cpu: on 2 cores, two one-thread folds ran two cpu folds in
 # 7 min where one two-thread fold at a time took 13.5 (TensorFlow's own threading gains little
 # on these small 3D convolutions, and start-up, tracing and plotting are single-threaded).
 # 1 for paper: one GPU per fold. With `make -j N reproduce` set JOBS=N too, so that the
@@ -103,14 +105,20 @@ FOLD_STEPS = $(shell $(BIN)/python -c "from wmhqc_lib.study.pipeline import STEP
 FOLD_ENV = TF_NUM_INTRAOP_THREADS=$(FOLD_THREADS) TF_NUM_INTEROP_THREADS=$(FOLD_THREADS) \
 	OMP_NUM_THREADS=$(FOLD_THREADS)
 
+# Under reproduce-final a failing step's error is ignored (`-`), so that the other folds go on
+# and the final stage reports it; asked for directly (reproduce-fold-<k>), the failure stops make.
+KEEP_GOING = $(if $(filter reproduce-final,$(MAKECMDGOALS)),-)
 define fold_step_rule
 reproduce-fold-$(1)-$(2): $(if $(3),reproduce-fold-$(1)-$(3),reproduce-data)
-	-$$(FOLD_ENV) $$(REPRO) --stage folds --folds $(1) --step $(2)
+	$$(KEEP_GOING)$$(FOLD_ENV) $$(REPRO) --stage folds --folds $(1) --step $(2)
 endef
 
 ifneq ($(filter reproduce-final reproduce-fold-%,$(MAKECMDGOALS)),)
 _STEPS := $(FOLD_STEPS)
 _FOLDS := $(FOLD_LIST)
+ifeq ($(strip $(_STEPS)),)
+$(error cannot list the fold steps with $(BIN)/python: run `make install` first)
+endif
 # each step with the one before it: 02_mc_unet/- 03_uncertainty/02_mc_unet ...
 _PAIRS := $(wordlist 1,$(words $(_STEPS)),$(join $(addsuffix /,$(_STEPS)),- $(_STEPS)))
 $(foreach f,$(_FOLDS),$(foreach p,$(_PAIRS),$(eval $(call fold_step_rule,$(f),$(word 1,\
@@ -118,7 +126,7 @@ $(foreach f,$(_FOLDS),$(foreach p,$(_PAIRS),$(eval $(call fold_step_rule,$(f),$(
 $(foreach f,$(_FOLDS),$(eval reproduce-fold-$(f): reproduce-fold-$(f)-$(lastword $(_STEPS))))
 endif
 
-reproduce-final: $(foreach s,$(_STEPS),$(foreach f,$(_FOLDS),reproduce-fold-$(f)-$(s)))
+reproduce-final: reproduce-data $(foreach s,$(_STEPS),$(foreach f,$(_FOLDS),reproduce-fold-$(f)-$(s)))
 	$(REPRO) --stage final --folds $(_FOLDS)
 
 # JupyterLab on the notebooks with the project's kernel, to rerun a fold or move the live

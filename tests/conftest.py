@@ -51,7 +51,7 @@ def pytest_itemcollected(item):
 
 def pytest_collection_modifyitems(config, items):
     """The smoke builder first, then modules that do not read the smoke run, then those that
-    do (longest first); tests keep their order within a module."""
+    do (in ``READERS_FIRST`` order); tests keep their order within a module."""
     readers = {_module(i) for i in items if set(SMOKE_READERS) & set(i.fixturenames)}
 
     def rank(item) -> tuple[int, int]:

@@ -24,8 +24,7 @@ import os
 import sys
 from importlib.util import find_spec
 
-if "jsonschema" not in sys.modules:
-    sys.modules.setdefault("rfc3987_syntax", None)  # an ImportError for jsonschema: skipped
+sys.modules.setdefault("rfc3987_syntax", None)  # an ImportError for jsonschema: skipped
 
 if "KERAS_BACKEND" not in os.environ and find_spec("tensorflow") is None \
         and find_spec("jax") is not None:

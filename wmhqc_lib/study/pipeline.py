@@ -543,6 +543,26 @@ def timing_table(results: Sequence[StepResult]) -> str:
     return "\n".join(lines)
 
 
+def write_timing(cfg: RunConfig) -> Path:
+    """``timing.txt``: every step's record, read and written under a lock, since two fold jobs
+    may finish at once (the later one sees the earlier one's record)."""
+    import tempfile
+
+    path = cfg.results_dir / TIMING_FILE
+    with open(cfg.results_dir / f".{TIMING_FILE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fd, tmp = tempfile.mkstemp(dir=cfg.results_dir, prefix=f".{TIMING_FILE}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(timing_table(recorded_results(cfg)) + "\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
 def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
               results_dir: str | Path | None = None, folds: Sequence[int] = (),
               seed: int | None = None, build: bool = True, stage: str | None = None,
@@ -603,10 +623,7 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
         print(f"\nWhole study, from the step records under {cfg.results_dir}:\n"
               + timing_table(recorded_results(cfg)), flush=True)
     if cfg.results_dir.exists():
-        # two fold jobs may finish at once: each replaces the whole file
-        tmp = cfg.results_dir / f".{TIMING_FILE}.{os.getpid()}"
-        tmp.write_text(timing_table(recorded_results(cfg)) + "\n")
-        tmp.replace(cfg.results_dir / TIMING_FILE)
+        write_timing(cfg)
     print("\n" + run_summary(results), flush=True)
     if failed:
         print(f"\n{len(failed)} step(s) failed or were blocked; executed notebooks of failed "
