@@ -456,3 +456,21 @@ def test_checkpoints_are_scored_with_dropout_off(model):
         assert not np.array_equal(first, predict_volume(net, cases[0]))
     finally:
         model.set_weights(weights)
+
+
+def test_a_saved_model_is_identified_by_its_weights_not_its_file(tmp_path):
+    """The same weights saved twice give two different files (save time, object ids) but one
+    weights digest, which seeds the MC samples: two runs that train the same weights draw the
+    same samples. Other weights give another digest."""
+    from wmhqc_lib.study.steps import file_digest, weights_digest
+
+    model = build_mc_unet(None, UNetConfig(base_filters=2, encoder_filters=(4,), heads=1))
+    model.save(tmp_path / "a.keras")
+    again = keras.models.load_model(tmp_path / "a.keras", compile=False)
+    again.save(tmp_path / "b.keras")
+    assert file_digest(tmp_path / "a.keras") != file_digest(tmp_path / "b.keras")
+    assert weights_digest(tmp_path / "a.keras") == weights_digest(tmp_path / "b.keras")
+    kernel = again.layers[1].kernel
+    kernel.assign(kernel.numpy() + 1e-3)
+    again.save(tmp_path / "c.keras")
+    assert weights_digest(tmp_path / "c.keras") != weights_digest(tmp_path / "a.keras")

@@ -116,7 +116,7 @@ def run_out_of_fold(profile: Profile, results_dir: str | Path, fold: int,
             int(mc_section["mc_samples"]), int(mc_section["mc_batch"]),
             steps.voxel_ml(profile), fold,
             lambda sid: preprocess.load_native_reference(cache, sid), progress=progress,
-            model_key=steps.file_digest(where.mc_unet / "best.keras"))
+            model_key=steps.weights_digest(where.mc_unet / "best.keras"))
         del held_cases
         rec = fit_rec_unet(lambda: build_rec_unet(None, rec_cfg), train, val_images,
                            val_predictions, where.rec_unet, rec_section, seed, progress=False)

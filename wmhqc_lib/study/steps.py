@@ -94,8 +94,33 @@ def load_fold(results_dir: str | Path, fold: int) -> FoldData:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file (a saved model), so outputs made with another model are not reused."""
+    """SHA-256 of a file's bytes (what a bundle manifest promises)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """SHA-256 of the weights in a saved ``.keras`` model: names, shapes and values.
+
+    It identifies the model for cached outputs and seeds the MC samples of each case. The
+    file's own bytes cannot: they hold the save time and Python object ids, so two runs that
+    trained bit-identical weights drew different MC samples and reported different Dice.
+    """
+    import io
+    import zipfile
+
+    import h5py
+
+    h = hashlib.sha256()
+    with zipfile.ZipFile(path) as archive, \
+            h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+        names: list[str] = []
+        weights.visititems(lambda name, obj: names.append(name)
+                           if isinstance(obj, h5py.Dataset) else None)
+        for name in sorted(names):
+            values = np.ascontiguousarray(weights[name][()])
+            h.update(f"{name}|{values.shape}|{values.dtype.str}|".encode())
+            h.update(values.tobytes())
+    return h.hexdigest()
 
 
 def voxel_ml(profile: Profile) -> float:
@@ -141,7 +166,8 @@ def run_uncertainty(profile: Profile, results_dir: str | Path, fold: int, model,
                              voxel_ml(profile), fold,
                              lambda sid: preprocess.load_native_reference(cache, sid),
                              native_for=[c.subject_id for c in data.cases["test"]],
-                             progress=progress, model_key=file_digest(paths.mc_unet / "best.keras"))
+                             progress=progress,
+                             model_key=weights_digest(paths.mc_unet / "best.keras"))
     write_case_table(results_dir, fold)
     return table
 
