@@ -340,8 +340,8 @@ def test_reproduce_stage_synthesizes_and_builds_only_where_it_should(tmp_path, m
     calls = []
     monkeypatch.setattr(synth, "generate_cohort", lambda *a, **k: calls.append("synth"))
     monkeypatch.setattr(pipeline, "run_steps",
-                        lambda cfg, stage=None: calls.append(("steps", stage, cfg.data_root))
-                        or [])
+                        lambda cfg, stage=None, only=(): calls.append(
+                            ("steps", stage, cfg.data_root) + tuple(only)) or [])
     monkeypatch.setattr(pipeline, "build_book",
                         lambda cfg: calls.append("book") or tmp_path / "index.html")
     default = pipeline.default_data_root(load_profile("smoke")).resolve()
@@ -353,6 +353,10 @@ def test_reproduce_stage_synthesizes_and_builds_only_where_it_should(tmp_path, m
         calls.clear()
         assert pipeline.reproduce("smoke", results_dir=tmp_path, stage=stage) == 0
         assert calls == want, stage
+    calls.clear()  # one step of a stage (a make target per fold and step): no book
+    assert pipeline.reproduce("smoke", results_dir=tmp_path, stage="folds",
+                              only=["03_uncertainty"]) == 0
+    assert calls == [("steps", "folds", default, "03_uncertainty")]
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.reproduce("smoke", results_dir=tmp_path, stage="book")
 
@@ -365,6 +369,10 @@ def test_cli_reproduce_stage(tmp_path, monkeypatch, capsys):
     assert seen["stage"] == "folds" and list(seen["folds"]) == [2] and seen["build"] is False
     assert main(["reproduce", "--profile", "smoke"]) == 0
     assert seen["stage"] is None and seen["build"] is True  # the default run is unchanged
+    assert seen["only"] == []
+    assert main(["reproduce", "--profile", "smoke", "--stage", "folds", "--folds", "3",
+                 "--step", "02_mc_unet", "--step", "03_uncertainty"]) == 0
+    assert seen["only"] == ["02_mc_unet", "03_uncertainty"] and list(seen["folds"]) == [3]
     with pytest.raises(SystemExit):
         main(["reproduce", "--stage", "book"])
     assert "invalid choice" in capsys.readouterr().err
