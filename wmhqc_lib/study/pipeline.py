@@ -213,14 +213,20 @@ def step_stage(step: Step, steps: Sequence[Step] | None = None) -> str:
     return "data" if steps.index(step) < first else "final"
 
 
-def select_steps(stage: str | None, steps: Sequence[Step] | None = None) -> list[Step]:
-    """The steps one stage runs, in chain order (all of them for ``None``)."""
+def select_steps(stage: str | None, steps: Sequence[Step] | None = None,
+                 only: Sequence[str] = ()) -> list[Step]:
+    """The steps one stage runs, in chain order (all of them for ``None``), narrowed to the
+    names in ``only`` when given; an unknown stage or step is a ValueError."""
     steps = list(STEPS if steps is None else steps)
-    if stage is None:
-        return steps
-    if stage not in STAGES:
+    if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
-    return [s for s in steps if step_stage(s, steps) == stage]
+    chosen = [s for s in steps if stage is None or step_stage(s, steps) == stage]
+    unknown = sorted(set(only) - {s.name for s in chosen})
+    if unknown:
+        raise ValueError(f"step(s) {', '.join(unknown)} not in "
+                         f"{'stage ' + stage if stage else 'the chain'} (its steps: "
+                         f"{', '.join(s.name for s in chosen)})")
+    return [s for s in chosen if not only or s.name in only]
 
 
 def _read_json(path: Path) -> dict:
@@ -305,14 +311,7 @@ def run_steps(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS),
     recorded successful runs stand in as upstream (a step that needs one without such a
     record is blocked).
     """
-    chosen = {s.name for s in select_steps(stage, steps)}
-    unknown = sorted(set(only) - chosen)
-    if unknown:
-        raise ValueError(f"step(s) {', '.join(unknown)} not in "
-                         f"{'stage ' + stage if stage else 'the chain'} (its steps: "
-                         f"{', '.join(s.name for s in steps if s.name in chosen)})")
-    if only:
-        chosen &= set(only)
+    chosen = {s.name for s in select_steps(stage, steps, only)}
     by_name = {s.name: s for s in steps}
     results: list[StepResult] = []
     keys: dict[tuple[str, int | None], str] = {}  # (step, fold) -> key of its successful run
@@ -576,10 +575,7 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
     """
     from ..data import synth
 
-    chosen = {s.name for s in select_steps(stage)}  # an unknown stage fails here, before work
-    if set(only) - chosen:
-        raise ValueError(f"step(s) {', '.join(sorted(set(only) - chosen))} not in "
-                         f"{'stage ' + stage if stage else 'the chain'}")
+    select_steps(stage, only=only)  # an unknown stage or step fails here, before any work
     profile = load_profile(profile_name)
     results = []
     overall = time.perf_counter()
