@@ -182,25 +182,79 @@ def partial_volume(mask: np.ndarray, mask_affine: np.ndarray, affine: np.ndarray
     dividing by the nominal volume ratio, makes a fully covered voxel exactly 1 whatever the
     lattice aliasing, and the mask's volume is carried over (less whatever falls outside the
     target grid). A lesion smaller than a target voxel keeps its fraction instead of
-    vanishing. Works for any pair of affines (oblique, anisotropic, flipped).
+    vanishing. Works for any pair of affines (oblique, anisotropic, flipped); when each target
+    axis follows one native axis (the usual case: grids that differ by spacing, flips, axis
+    order and shift) the assignment factorises by axis and is computed axis by axis.
     """
     values = np.asarray(mask, dtype=np.float64)
-    out = np.zeros(int(np.prod(shape)), dtype=np.float64)
     if not np.any(values > 0):
-        return out.reshape(shape).astype(np.float32)
+        return np.zeros(shape, dtype=np.float32)
     src = np.sqrt((np.asarray(mask_affine)[:3, :3] ** 2).sum(axis=0))
     tgt = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    # every native voxel that can share a target voxel with the mask, for the counts
-    reach = 2 * (np.ceil(tgt.max() / src).astype(int) + 1) + 1
-    region = ndi.maximum_filter((values > 0).astype(np.uint8), size=tuple(reach)) > 0
-    idx = np.argwhere(region)
     k = np.clip(np.ceil(PV_DENSITY * src / tgt.min()), 1, PV_MAX_SUBSAMPLES).astype(int)
-    offsets = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) / n - 0.5 for n in k],
-                                   indexing="ij"), axis=-1).reshape(-1, 3)
     # native voxel index -> target voxel coordinate, in one affine
     to_target = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ \
         np.asarray(mask_affine, dtype=np.float64)
     lin, shift = to_target[:3, :3], to_target[:3, 3]
+    nonzero = np.abs(lin) > 1e-9 * np.abs(lin).max()
+    if (nonzero.sum(axis=0) == 1).all() and (nonzero.sum(axis=1) == 1).all():
+        frac = _partial_volume_by_axis(values, lin, shift, k, tuple(shape))
+    else:
+        frac = _partial_volume_by_point(values, lin, shift, k, src, tgt, tuple(shape))
+    return np.clip(frac, 0.0, 1.0).astype(np.float32)
+
+
+def _sub_offsets(n: int) -> np.ndarray:
+    """Centres of ``n`` equal sub-intervals of a voxel, relative to its centre."""
+    return (np.arange(n) + 0.5) / n - 0.5
+
+
+def _partial_volume_by_axis(values: np.ndarray, lin: np.ndarray, shift: np.ndarray,
+                            k: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """:func:`partial_volume` when target axis ``r`` depends on native axis ``axes[r]`` alone.
+
+    A sub-cube lands in target voxel (t0, t1, t2) when its sub-interval along each native axis
+    lands in the matching target index, so the sub-cube counts are products of per-axis counts:
+    ``assign[r][t, i]`` sub-intervals of native index ``i`` fall in target index ``t``. The mask
+    is carried over with one sparse product per axis, and the received counts are an outer
+    product.
+    """
+    from scipy import sparse
+
+    axes = np.abs(lin).argmax(axis=1)  # native axis feeding each target axis
+    moved = np.transpose(values, axes)
+    assign, received = [], []
+    for r, c in enumerate(axes):
+        n = values.shape[c]
+        offsets = _sub_offsets(int(k[c]))
+        coord = (np.arange(n)[:, None] + offsets[None]) * lin[r, c] + shift[r]
+        target = np.floor(coord + 0.5).astype(np.int64)
+        inside = (target >= 0) & (target < shape[r])
+        native = np.broadcast_to(np.arange(n)[:, None], target.shape)
+        matrix = sparse.csr_matrix((np.ones(int(inside.sum())), (target[inside], native[inside])),
+                                   shape=(shape[r], n))
+        assign.append(matrix)
+        received.append(np.asarray(matrix.sum(axis=1)).ravel())
+    carried = moved
+    for r, matrix in enumerate(assign):
+        rolled = np.moveaxis(carried, r, 0)
+        flat = matrix @ rolled.reshape(rolled.shape[0], -1)
+        carried = np.moveaxis(flat.reshape(shape[r], *rolled.shape[1:]), 0, r)
+    counts = received[0][:, None, None] * received[1][None, :, None] * received[2][None, None]
+    return np.divide(carried, counts, out=np.zeros(shape), where=counts > 0)
+
+
+def _partial_volume_by_point(values: np.ndarray, lin: np.ndarray, shift: np.ndarray,
+                             k: np.ndarray, src: np.ndarray, tgt: np.ndarray,
+                             shape: tuple[int, int, int]) -> np.ndarray:
+    """:func:`partial_volume` for any affines (oblique grids): every sub-cube centre mapped."""
+    out = np.zeros(int(np.prod(shape)), dtype=np.float64)
+    # every native voxel that can share a target voxel with the mask, for the counts
+    reach = 2 * (np.ceil(tgt.max() / src).astype(int) + 1) + 1
+    region = ndi.maximum_filter((values > 0).astype(np.uint8), size=tuple(reach)) > 0
+    idx = np.argwhere(region)
+    offsets = np.stack(np.meshgrid(*[_sub_offsets(int(n)) for n in k], indexing="ij"),
+                       axis=-1).reshape(-1, 3)
     base = idx @ lin.T + shift  # each native voxel's centre in target voxel coordinates
     delta = offsets @ lin.T  # sub-sample centres relative to it
     weight = values[tuple(idx.T)]
@@ -217,7 +271,7 @@ def partial_volume(mask: np.ndarray, mask_affine: np.ndarray, affine: np.ndarray
         out += np.bincount(flat, weights=w[inside], minlength=out.size)
         counts += np.bincount(flat, minlength=out.size)
     frac = np.divide(out, counts, out=np.zeros_like(out), where=counts > 0)
-    return np.clip(frac.reshape(shape), 0.0, 1.0).astype(np.float32)
+    return frac.reshape(shape)
 
 
 def normalise(channel: np.ndarray, brain: np.ndarray, clip_percentiles: tuple[float, float]

@@ -309,14 +309,18 @@ class TrainResult:
     skipped: bool
 
 
-def compile_for_training(model: keras.Model, learning_rate: float, loss: Callable) -> None:
+def compile_for_training(model: keras.Model, learning_rate: float, loss: Callable,
+                         run_eagerly: bool = False) -> None:
     """Compile with Adam and make its slot variables now.
 
     Made lazily, the slots are created inside the first traced training step, and TensorFlow
     traces a function that creates variables twice: 2.5 s more start-up per training run on
-    this project's CPU.
+    this project's CPU. ``run_eagerly`` skips tracing the training step altogether, which pays
+    only when a run has a handful of steps on tiny inputs (the smoke profile's
+    ``run_eagerly``): there, tracing costs more than the steps it would speed up.
     """
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
+                  run_eagerly=run_eagerly)
     model.optimizer.build(model.trainable_variables)
 
 
@@ -359,7 +363,7 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
     reused, an interrupted one resumes. ``make_dataset(start_epoch)`` gives the training
     batches; ``score(model)`` the validation score each epoch (default: whole-volume Dice of
     ``val_cases``), recorded as ``score_name``; the best checkpoint is its ``mode`` (max/min).
-    ``section`` supplies epochs, patience and learning_rate.
+    ``section`` supplies epochs, patience, learning_rate and run_eagerly.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -384,7 +388,8 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
     else:
         model = build()
     # on resume the weights come back; Adam's moment estimates start afresh
-    compile_for_training(model, float(section["learning_rate"]), loss)
+    compile_for_training(model, float(section["learning_rate"]), loss,
+                         bool(section.get("run_eagerly", False)))
     dataset = make_dataset(state["epochs_run"])
     callback = WholeVolumeValidation(val_cases, folder, int(section["patience"]), dataset, state,
                                      progress, score=score, score_name=score_name, mode=mode)

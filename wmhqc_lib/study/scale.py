@@ -402,7 +402,8 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
                       activation_bytes(mc_sampler(model, min(chunk, n)), shape),
                       "lower mc_unet.mc_batch")
     compile_for_training(model, float(mc["learning_rate"]),
-                         make_loss(mc.get("loss", "dice_bce"), float(mc.get("bce_weight", 1.0))))
+                         make_loss(mc.get("loss", "dice_bce"), float(mc.get("bce_weight", 1.0))),
+                         bool(mc.get("run_eagerly", False)))
     case = _random_case(shape, len(CHANNELS), rng)
     patches = PatchDataset([case], patch, batch, 1, profile.seed,
                            float(mc.get("lesion_patch_fraction", 0.67)),
@@ -446,7 +447,8 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
     compile_for_training(rec_model, float(rec["learning_rate"]),
                          make_ssim_loss(int(rec.get("ssim_window", 7)),
                                         float(rec.get("ssim_sigma", 1.5)),
-                                        rec.get("ssim_mode", "3d")))
+                                        rec.get("ssim_mode", "3d")),
+                         bool(rec.get("run_eagerly", False)))
     rec_patches = RecPatchDataset([training_case(case)], rpatch, rbatch, 1, profile.seed,
                                   float(rec.get("lesion_patch_fraction", 0.67)),
                                   Augmentation.from_section(rec.get("augmentation")))
@@ -473,7 +475,8 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
     regressor = build_dice_regressor(shape, 2, dr["filters"], int(dr.get("input_pool", 1)),
                                      float(dr.get("negative_slope", 0.3)))
     compile_for_training(regressor, float(dr["learning_rate"]),
-                         keras.losses.Huber(delta=float(dr.get("huber_delta", 1.0))))
+                         keras.losses.Huber(delta=float(dr.get("huber_delta", 1.0))),
+                         bool(dr.get("run_eagerly", False)))
     dx = batch_of(2, shape, dbatch)
     dy = rng.random((dbatch, 1)).astype(np.float32)
     guarded("Dice regressor training step", "lower dice_regression.batch_size",
