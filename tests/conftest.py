@@ -224,12 +224,14 @@ def bids_input(smoke_manifest, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triaged(smoke_bundle, bids_input, tmp_path_factory):
-    """(TriageSummary, output dataset folder) of one triage run over ``bids_input``."""
+    """(TriageSummary, output dataset folder) of one triage run over ``bids_input``, with two
+    worker processes preprocessing the scans and drawing the report pages (the reports test
+    redraws them in one process and compares the bytes)."""
     from wmhqc_lib.deploy import triage
 
     out = tmp_path_factory.mktemp("triage") / "derivatives"
     scans = triage.discover_bids(bids_input)
-    summary = triage.run_triage(smoke_bundle, scans, out, source=str(bids_input),
+    summary = triage.run_triage(smoke_bundle, scans, out, source=str(bids_input), nprocs=2,
                                 progress=False, log=lambda _: None)
     return summary, out
 

@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flair", default=None, help="one FLAIR (with --t1)")
     p.add_argument("--t1", default=None, help="its T1")
     p.add_argument("--participant-id", default="01", help="label for --flair/--t1 (default 01)")
-    p.add_argument("--nprocs", type=int, default=1, help="preprocessing worker processes")
+    p.add_argument("--nprocs", type=int, default=1,
+                   help="worker processes that preprocess the scans and draw the report pages")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_triage)
     return parser

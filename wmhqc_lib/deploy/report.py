@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import html
 import io
 import json
@@ -27,6 +28,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from multiprocessing.pool import Pool
 from pathlib import Path
 from urllib.parse import quote
 
@@ -73,23 +75,36 @@ svg a use{cursor:pointer}#scans td:first-child{white-space:nowrap}
 # Entry point
 
 
-def write_reports(out_dir: Path, table: pd.DataFrame, bundle: Bundle) -> list[Path]:
+def write_reports(out_dir: Path, table: pd.DataFrame, bundle: Bundle,
+                  pool: Pool | None = None) -> list[Path]:
     """Write every participant's page and the group page; return their paths.
 
-    ``table`` is :func:`triage.group_table` of ``out_dir`` (one row per scan record)."""
+    ``table`` is :func:`triage.group_table` of ``out_dir`` (one row per scan record). With a
+    process ``pool`` the participants' pages (three brain figures per scan, about a second
+    each) are drawn in its workers; the pages are the same bytes either way."""
     out_dir = Path(out_dir)
     records = {rel: _read_record(out_dir / rel) for rel in table["record"]}
-    written = []
+    portable = dataclasses.replace(bundle, networks=[])  # the loaded networks stay here
+    jobs = [(out_dir, participant, [(scan_anchor(rel), records[rel]) for rel in rels], portable)
+            for participant, rels in _by_participant(table).items()]
+    if pool is not None and len(jobs) > 1:
+        written = list(pool.imap(_write_subject_page, jobs))
+    else:
+        written = [_write_subject_page(job) for job in jobs]
     with _quiet(), matplotlib.rc_context(_RC):
-        for participant, rels in _by_participant(table).items():
-            scans = [(scan_anchor(rel), records[rel]) for rel in rels]
-            path = out_dir / subject_page_name(participant)
-            _write_text(path, subject_page(out_dir, participant, scans, bundle))
-            written.append(path)
         path = out_dir / GROUP_HTML
         _write_text(path, group_page(table, bundle))
         written.append(path)
     return written
+
+
+def _write_subject_page(job: tuple[Path, str, list[tuple[str, dict]], Bundle]) -> Path:
+    """One participant's page written (also in a worker process); returns its path."""
+    out_dir, participant, scans, bundle = job
+    path = out_dir / subject_page_name(participant)
+    with _quiet(), matplotlib.rc_context(_RC):
+        _write_text(path, subject_page(out_dir, participant, scans, bundle))
+    return path
 
 
 def subject_page_name(participant_id: str) -> str:

@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
@@ -438,9 +439,11 @@ def group_table(out_dir: str | Path) -> pd.DataFrame:
             .drop(columns=["_o", "_f"]).reset_index(drop=True))
 
 
-def write_group(out_dir: str | Path, bundle: Bundle | None = None) -> pd.DataFrame:
+def write_group(out_dir: str | Path, bundle: Bundle | None = None,
+                pool: Pool | None = None) -> pd.DataFrame:
     """``group_qc.tsv`` (BIDS ``n/a`` for missing values, ``true``/``false`` flags), rebuilt
-    from the scan records; and the group report when a bundle is given."""
+    from the scan records; and the reports when a bundle is given (their figures drawn in
+    ``pool``'s worker processes, if one is given)."""
     out_dir = Path(out_dir)
     table = group_table(out_dir)
     text = table.drop(columns="record").copy()
@@ -451,7 +454,7 @@ def write_group(out_dir: str | Path, bundle: Bundle | None = None) -> pd.DataFra
     if bundle is not None:
         from . import report as triage_report
 
-        triage_report.write_reports(out_dir, table, bundle)
+        triage_report.write_reports(out_dir, table, bundle, pool)
     return table
 
 
@@ -499,7 +502,8 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
     """Triage ``scans`` into the derivative dataset ``out_dir`` (see the module docstring).
 
     Scans whose record says ``ok`` are skipped. Preprocessing runs in ``nprocs`` worker
-    processes while the networks run here, one scan at a time.
+    processes while the networks run here, one scan at a time; the same workers then draw the
+    report pages.
     """
     from multiprocessing import get_context
 
@@ -516,38 +520,38 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
             todo.append(scan)
     if skipped:
         log(f"{skipped} scan(s) already triaged in {out_dir}: skipped")
-    models = load_models(bundle) if todo else []
     settings = bundle.preprocess_settings
     jobs = [(i, scan, settings) for i, scan in enumerate(todo)]
+    # started first, so that the workers start up while the networks load here
+    pool = get_context("spawn").Pool(nprocs) if nprocs > 1 and len(jobs) > 1 else None
     n_ok = n_error = 0
     seconds = []
-    bar = tqdm(total=len(todo), desc="triage", unit="scan", disable=not progress)
-    pool = get_context("spawn").Pool(nprocs) if nprocs > 1 and len(jobs) > 1 else None
     try:
+        models = load_models(bundle) if todo else []
         prepared = pool.imap(_prepare, jobs) if pool else map(_prepare, jobs)
-        for index, case, prep_s in prepared:
-            scan = todo[index]
-            start = time.perf_counter()
-            if isinstance(case, str):
-                error_record(out_dir, scan, case, prep_s)
-                n_error += 1
-                log(f"{scan.prefix}: error: {case}")
-            else:
-                result = triage_case(bundle, models, case)
-                total = prep_s + time.perf_counter() - start
-                rec = write_scan(out_dir, scan, result, total)
-                n_ok += 1
-                seconds.append(total)
-                verdict = "FLAGGED" if rec["flagged"] else "passed"
-                log(f"{scan.prefix}: {verdict} ({total:.1f} s)"
-                    + (f": {rec['reason']}" if rec["flagged"] else ""))
-            bar.update()
+        with tqdm(total=len(todo), desc="triage", unit="scan", disable=not progress) as bar:
+            for index, case, prep_s in prepared:
+                scan = todo[index]
+                start = time.perf_counter()
+                if isinstance(case, str):
+                    error_record(out_dir, scan, case, prep_s)
+                    n_error += 1
+                    log(f"{scan.prefix}: error: {case}")
+                else:
+                    result = triage_case(bundle, models, case)
+                    total = prep_s + time.perf_counter() - start
+                    rec = write_scan(out_dir, scan, result, total)
+                    n_ok += 1
+                    seconds.append(total)
+                    verdict = "FLAGGED" if rec["flagged"] else "passed"
+                    log(f"{scan.prefix}: {verdict} ({total:.1f} s)"
+                        + (f": {rec['reason']}" if rec["flagged"] else ""))
+                bar.update()
+        table = write_group(out_dir, bundle, pool)
     finally:
-        bar.close()
         if pool:
             pool.close()
             pool.join()
-    table = write_group(out_dir, bundle)
     return TriageSummary(table, n_ok, n_error, skipped, seconds)
 
 
