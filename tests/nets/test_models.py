@@ -338,12 +338,13 @@ def _train(folder: Path, seed: int, epochs: int = 1, steps: int = 6, eager: bool
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three short runs shared by the training tests: two with one seed on the traced graph
-    (as the cpu and paper profiles train), one with another seed run eagerly (as smoke)."""
+    """Short runs shared by the training tests: two with one seed on the traced graph (as the
+    cpu and paper profiles train), two with another seed run eagerly (as smoke)."""
     root = tmp_path_factory.mktemp("runs")
     return root, {"a": _train(root / "a", seed=5, epochs=3),
                   "b": _train(root / "b", seed=5, epochs=3),
-                  "c": _train(root / "c", seed=6, epochs=1, eager=True)}
+                  "c": _train(root / "c", seed=6, epochs=1, eager=True),
+                  "d": _train(root / "d", seed=6, epochs=1, eager=True)}
 
 
 def test_short_training_lowers_the_loss(runs):
@@ -358,8 +359,9 @@ def test_short_training_lowers_the_loss(runs):
 def test_same_seed_same_weights_and_finished_runs_are_reused(runs):
     root, trained = runs
     a, b, c = trained["a"], trained["b"], trained["c"]
-    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
-        assert np.array_equal(wa, wb)
+    for first, second in ((a, b), (c, trained["d"])):  # graph, eager
+        for wa, wb in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
+            assert np.array_equal(wa, wb)
     assert a.history.drop(columns="seconds").equals(b.history.drop(columns="seconds"))
     assert any(not np.array_equal(wa, wc) for wa, wc in
                zip(a.model.get_weights(), c.model.get_weights(), strict=True))

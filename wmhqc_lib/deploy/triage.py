@@ -522,13 +522,13 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
         log(f"{skipped} scan(s) already triaged in {out_dir}: skipped")
     settings = bundle.preprocess_settings
     jobs = [(i, scan, settings) for i, scan in enumerate(todo)]
-    # started first, so that the workers start up while the networks load here
+    # the workers start and preprocess while the networks load here
     pool = get_context("spawn").Pool(nprocs) if nprocs > 1 and len(jobs) > 1 else None
     n_ok = n_error = 0
     seconds = []
     try:
-        models = load_models(bundle) if todo else []
         prepared = pool.imap(_prepare, jobs) if pool else map(_prepare, jobs)
+        models = load_models(bundle) if todo else []
         with tqdm(total=len(todo), desc="triage", unit="scan", disable=not progress) as bar:
             for index, case, prep_s in prepared:
                 scan = todo[index]
