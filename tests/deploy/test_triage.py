@@ -307,7 +307,7 @@ def test_new_synthetic_scans_are_bids_with_the_truth_kept_apart(smoke_profile, t
                                  smoke_profile.seed, n_known=1, n_unseen=0, n_artefact=0)
     table = synth.generate_new_scans(tmp_path / "bids", tmp_path / "truth", smoke_profile,
                                      smoke_profile.seed + 1, n_known=1, n_unseen=1,
-                                     n_artefact=1)
+                                     n_artefact=1, workers=1)
     assert list(table["kind"]) == ["known_site", "unseen_site", "artefact"]
     assert table.loc[1, "site"] == synth.UNSEEN_SITE.site
     scans = triage.discover_bids(tmp_path / "bids")
@@ -319,12 +319,17 @@ def test_new_synthetic_scans_are_bids_with_the_truth_kept_apart(smoke_profile, t
         flair = nib.load(tmp_path / "bids" / row.participant_id / "anat"
                          / f"{row.participant_id}_FLAIR.nii.gz")
         assert truth.shape == flair.shape and np.allclose(truth.affine, flair.affine)
+    # the same scans again, written by two worker processes
     again = synth.generate_new_scans(tmp_path / "bids2", tmp_path / "truth2", smoke_profile,
                                      smoke_profile.seed + 1, n_known=1, n_unseen=1,
-                                     n_artefact=1)
-    a = np.asarray(nib.load(tmp_path / "bids/sub-02/anat/sub-02_FLAIR.nii.gz").dataobj)
-    b = np.asarray(nib.load(tmp_path / "bids2/sub-02/anat/sub-02_FLAIR.nii.gz").dataobj)
-    assert np.array_equal(a, b) and again["lesion_ml"].tolist() == table["lesion_ml"].tolist()
+                                     n_artefact=1, workers=2)
+    for row in table.itertuples():
+        for name in (f"{row.participant_id}_FLAIR.nii.gz", f"{row.participant_id}_T1w.nii.gz"):
+            a = nib.load(tmp_path / "bids" / row.participant_id / "anat" / name)
+            b = nib.load(tmp_path / "bids2" / row.participant_id / "anat" / name)
+            assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+            assert np.array_equal(a.affine, b.affine)
+    assert again.drop(columns="truth").equals(table.drop(columns="truth"))
 
 
 def test_realised_operating_point_against_known_truth(triaged, bids_input, tmp_path):

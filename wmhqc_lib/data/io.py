@@ -66,17 +66,25 @@ def load_mask(path: str | Path, allowed_labels: Iterable[int]) -> nib.Nifti1Imag
     img = load_volume(path, allow_zero=True)
     data = np.asanyarray(img.dataobj)
     allowed = sorted(int(v) for v in allowed_labels)
-    values = np.unique(data)
-    if np.issubdtype(values.dtype, np.floating):
-        rounded = np.round(values)
-        if np.any(np.abs(values - rounded) > 1e-3):
-            odd = values[values != rounded][:3]
+    labels = np.rint(data) if np.issubdtype(data.dtype, np.floating) else data
+    if labels is not data:
+        off = np.abs(data - labels) > 1e-3
+        if off.any():
+            odd = np.unique(data[off])[:3]
             raise DataError(path, f"mask holds non-integer values (e.g. {odd})")
-        values = rounded
-    extra = sorted({int(v) for v in values} - set(allowed))
+    extra = sorted({int(v) for v in _distinct(labels)} - set(allowed))
     if extra:
         raise DataError(path, f"mask labels {extra} are outside the dataset's label set {allowed}")
-    return nib.Nifti1Image(np.rint(data).astype(np.uint8), img.affine, img.header)
+    return nib.Nifti1Image(labels.astype(np.uint8), img.affine, img.header)
+
+
+def _distinct(labels: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer-valued volume: counted when they are small
+    non-negative integers (the usual labels), sorted otherwise."""
+    lo, hi = labels.min(initial=0), labels.max(initial=0)
+    if lo >= 0 and hi < 1 << 16:
+        return np.flatnonzero(np.bincount(labels.ravel().astype(np.intp), minlength=1))
+    return np.unique(labels)
 
 
 def world_bounds(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:

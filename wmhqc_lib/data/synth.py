@@ -905,13 +905,15 @@ def add_bright_artefact(flair: np.ndarray, affine: np.ndarray, rng: np.random.Ge
 
 
 def generate_new_scans(out: str | Path, truth_dir: str | Path, profile: Profile, seed: int, *,
-                       n_known: int, n_unseen: int, n_artefact: int) -> pd.DataFrame:
+                       n_known: int, n_unseen: int, n_artefact: int,
+                       workers: int | None = None) -> pd.DataFrame:
     """New synthetic scans as a BIDS raw dataset under ``out`` (``sub-NN/anat/sub-NN_FLAIR``
     and ``_T1w``), for triage; their lesion masks go to ``truth_dir`` (never into the dataset
     triage reads). ``n_known`` subjects come from the study's sites (planned with ``seed``, not
     the study's), ``n_unseen`` from :data:`UNSEEN_SITE`, ``n_artefact`` from the study's sites
     with :func:`add_bright_artefact` on the FLAIR. Returns one row per scan: label, kind, site,
-    truth mask path, simulated lesion ml."""
+    truth mask path, simulated lesion ml. Each scan has its own random stream, so ``workers``
+    processes (default: the profile's ``synth.workers``) write the same files as one."""
     out, truth_dir = Path(out), Path(truth_dir)
     if seed == profile.seed:
         raise ValueError(f"seed {seed} is the study's own: new scans need another seed")
@@ -926,28 +928,39 @@ def generate_new_scans(out: str | Path, truth_dir: str | Path, profile: Profile,
         "Name": f"wmhqc synthetic new scans (seed {seed})", "BIDSVersion": "1.9.0",
         "DatasetType": "raw", "License": "CC0",
         "GeneratedBy": [{"Name": "wmhqc synth", "Version": str(GENERATOR_VERSION)}]}, indent=1))
-    rows = []
-    for k, (plan, kind) in enumerate(zip(picked, kinds, strict=True)):
-        label = f"{k + 1:02d}"
-        site = UNSEEN_SITE if kind == "unseen_site" else _site(plan)
-        sub_rng = np.random.default_rng([seed, 2, k])
-        anat = simulate_anatomy(plan, settings, sub_rng, site.ms_lesions)
-        acq = acquire_timepoint(anat, site, settings, sub_rng, subject_contrast_scale(plan)
-                                * (site.lesion_contrast / _site(plan).lesion_contrast),
-                                3.0 if plan.high_noise else 1.0, 0.0)
-        flair = acq.flair
-        if kind == "artefact":
-            flair = add_bright_artefact(flair, acq.flair_affine, sub_rng)
-        folder = out / f"sub-{label}" / "anat"
-        _save(flair, acq.flair_affine, folder / f"sub-{label}_FLAIR.nii.gz")
-        _save(acq.t1, acq.t1_affine, folder / f"sub-{label}_T1w.nii.gz")
-        truth = truth_dir / f"sub-{label}_label-WMH_mask.nii.gz"
-        _save((acq.mask == 1).astype(np.uint8), acq.flair_affine, truth)
-        voxel_ml = float(abs(np.linalg.det(acq.flair_affine[:3, :3]))) / 1000.0
-        rows.append({"participant_id": f"sub-{label}", "kind": kind,
-                     "dataset": site.dataset, "site": site.site, "truth": str(truth),
-                     "lesion_ml": float((acq.mask == 1).sum()) * voxel_ml,
-                     "synthetic": True})
+    jobs = [(k, plan, kind, settings, seed, out, truth_dir)
+            for k, (plan, kind) in enumerate(zip(picked, kinds, strict=True))]
+    workers = workers or settings.workers
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: the calling notebook may hold TensorFlow's threads by now
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            rows = pool.map(_new_scan, jobs)
+    else:
+        rows = [_new_scan(job) for job in jobs]
     table = pd.DataFrame(rows)
     table.to_csv(truth_dir / "new_scans.csv", index=False)
     return table
+
+
+def _new_scan(job: tuple[int, SubjectPlan, str, SynthSettings, int, Path, Path]) -> dict:
+    """Scan ``k`` of :func:`generate_new_scans`, written; its row."""
+    k, plan, kind, settings, seed, out, truth_dir = job
+    label = f"{k + 1:02d}"
+    site = UNSEEN_SITE if kind == "unseen_site" else _site(plan)
+    sub_rng = np.random.default_rng([seed, 2, k])
+    anat = simulate_anatomy(plan, settings, sub_rng, site.ms_lesions)
+    acq = acquire_timepoint(anat, site, settings, sub_rng, subject_contrast_scale(plan)
+                            * (site.lesion_contrast / _site(plan).lesion_contrast),
+                            3.0 if plan.high_noise else 1.0, 0.0)
+    flair = acq.flair
+    if kind == "artefact":
+        flair = add_bright_artefact(flair, acq.flair_affine, sub_rng)
+    folder = out / f"sub-{label}" / "anat"
+    _save(flair, acq.flair_affine, folder / f"sub-{label}_FLAIR.nii.gz")
+    _save(acq.t1, acq.t1_affine, folder / f"sub-{label}_T1w.nii.gz")
+    truth = truth_dir / f"sub-{label}_label-WMH_mask.nii.gz"
+    _save((acq.mask == 1).astype(np.uint8), acq.flair_affine, truth)
+    voxel_ml = float(abs(np.linalg.det(acq.flair_affine[:3, :3]))) / 1000.0
+    return {"participant_id": f"sub-{label}", "kind": kind,
+            "dataset": site.dataset, "site": site.site, "truth": str(truth),
+            "lesion_ml": float((acq.mask == 1).sum()) * voxel_ml, "synthetic": True}
