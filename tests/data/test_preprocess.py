@@ -224,26 +224,38 @@ def test_many_small_lesions_keep_their_volume_on_a_coarse_grid():
 
 @pytest.mark.parametrize("perm, flips", [((0, 1, 2), (1, 1, 1)), ((1, 0, 2), (-1, 1, -1)),
                                           ((2, 0, 1), (1, -1, 1))])
-def test_axis_aligned_grids_take_the_per_axis_path_with_the_same_fractions(perm, flips):
+@pytest.mark.parametrize("grid", [(20, 20, 20), (8, 8, 8)])  # the second cuts the brain
+def test_axis_aligned_grids_take_the_per_axis_path_with_the_same_fractions(perm, flips, grid,
+                                                                          monkeypatch):
     """Grids that differ by spacing, flips, axis order and shift are computed axis by axis;
-    the same grids turned by a negligible angle (about 1e-7 rad) take the general per-point path.
-    Both carry the same fractions of a brain-sized and of a sub-voxel mask."""
+    the same grids turned by a small angle (about 2e-6 rad) take the general per-point path.
+    Both carry the same fractions of a brain-sized and of a sub-voxel mask, also where the
+    target grid cuts the mask."""
     from wmhqc_lib.data.synth import random_rotation
 
+    by_axis = preprocess._partial_volume_by_axis
+    calls = []
+    monkeypatch.setattr(preprocess, "_partial_volume_by_axis",
+                        lambda *a: calls.append(1) or by_axis(*a))
     shape = (50, 44, 20)
     native = affine_for((1.1, 1.3, 3.5), shape, flips, perm)
     native[:3, 3] += [0.37, -1.21, 0.66]  # no sub-cube centre exactly on a voxel border
-    target = affine_for((5.0, 5.0, 5.0), (20, 20, 20))
+    target = affine_for((5.0, 5.0, 5.0), grid)
     turned = native.copy()
-    turned[:3, :3] = random_rotation(np.random.default_rng(3), 1e-5) @ native[:3, :3]
+    turned[:3, :3] = random_rotation(np.random.default_rng(3), 1e-4) @ native[:3, :3]
     world = _world_grid(native, shape)
     brain = (world[0] / 25) ** 2 + (world[1] / 22) ** 2 + (world[2] / 30) ** 2 <= 1
     small = 0.6 * ((world - np.array([4.0, -3.0, 2.0])[:, None, None, None]) ** 2).sum(0) <= 4
     for mask in (brain, small):
-        fast = preprocess.partial_volume(mask, native, target, (20, 20, 20))
-        general = preprocess.partial_volume(mask, turned, target, (20, 20, 20))
-        assert mask.sum() > 0 and fast.sum() > 0
+        fast = preprocess.partial_volume(mask, native, target, grid)
+        assert len(calls) == 1
+        general = preprocess.partial_volume(mask, turned, target, grid)
+        assert len(calls) == 1
+        calls.clear()
+        assert fast.sum() > 0
         np.testing.assert_allclose(fast, general, atol=1e-6)
+    if grid == (8, 8, 8):  # the brain reaches past this grid: its border voxels are full
+        assert preprocess.partial_volume(brain, native, target, grid)[0].max() == 1.0
 
 
 def test_native_dice_of_a_perfect_prediction_survives_the_round_trip(tmp_path, base_case):

@@ -329,6 +329,9 @@ def test_new_synthetic_scans_are_bids_with_the_truth_kept_apart(smoke_profile, t
             b = nib.load(tmp_path / "bids2" / row.participant_id / "anat" / name)
             assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
             assert np.array_equal(a.affine, b.affine)
+    for first, second in zip(table["truth"], again["truth"], strict=True):
+        assert np.array_equal(np.asarray(nib.load(first).dataobj),
+                              np.asarray(nib.load(second).dataobj))
     assert again.drop(columns="truth").equals(table.drop(columns="truth"))
 
 

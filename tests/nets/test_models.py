@@ -340,11 +340,23 @@ def _train(folder: Path, seed: int, epochs: int = 1, steps: int = 6, eager: bool
 def runs(tmp_path_factory):
     """Short runs shared by the training tests: two with one seed on the traced graph (as the
     cpu and paper profiles train), two with another seed run eagerly (as smoke)."""
+    from wmhqc_lib.nets import training
+
     root = tmp_path_factory.mktemp("runs")
-    return root, {"a": _train(root / "a", seed=5, epochs=3),
-                  "b": _train(root / "b", seed=5, epochs=3),
-                  "c": _train(root / "c", seed=6, epochs=1, eager=True),
-                  "d": _train(root / "d", seed=6, epochs=1, eager=True)}
+    compile_for_training, eager = training.compile_for_training, []
+
+    def spy(model, *args):  # what each run's model was compiled for
+        compile_for_training(model, *args)
+        eager.append(model.run_eagerly)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "compile_for_training", spy)
+        runs = {"a": _train(root / "a", seed=5, epochs=3),
+                "b": _train(root / "b", seed=5, epochs=3),
+                "c": _train(root / "c", seed=6, epochs=1, eager=True),
+                "d": _train(root / "d", seed=6, epochs=1, eager=True)}
+    assert eager == [False, False, True, True]  # the section's run_eagerly reached Keras
+    return root, runs
 
 
 def test_short_training_lowers_the_loss(runs):

@@ -22,6 +22,10 @@ class DataError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        """Rebuilt from (path, problem), so that it crosses from a worker process intact."""
+        return DataError, (self.path, self.problem)
+
 
 def load_volume(path: str | Path, *, allow_zero: bool = False) -> nib.Nifti1Image:
     """Load a 3D NIfTI image fully into memory and check it is usable.

@@ -196,8 +196,10 @@ def partial_volume(mask: np.ndarray, mask_affine: np.ndarray, affine: np.ndarray
     to_target = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ \
         np.asarray(mask_affine, dtype=np.float64)
     lin, shift = to_target[:3, :3], to_target[:3, 3]
-    nonzero = np.abs(lin) > 1e-9 * np.abs(lin).max()
-    if (nonzero.sum(axis=0) == 1).all() and (nonzero.sum(axis=1) == 1).all():
+    # a coupling between axes that moves no sub-voxel by more than 1e-6 of a target voxel
+    # across the whole mask (rounding in a header's affine) counts as none
+    coupled = np.abs(lin) * np.asarray(values.shape)[None, :] > 1e-6
+    if (coupled.sum(axis=0) == 1).all() and (coupled.sum(axis=1) == 1).all():
         frac = _partial_volume_by_axis(values, lin, shift, k, tuple(shape))
     else:
         frac = _partial_volume_by_point(values, lin, shift, k, src, tgt, tuple(shape))
@@ -221,7 +223,8 @@ def _partial_volume_by_axis(values: np.ndarray, lin: np.ndarray, shift: np.ndarr
     """
     from scipy import sparse
 
-    axes = np.abs(lin).argmax(axis=1)  # native axis feeding each target axis
+    axes = np.abs(lin).argmax(axis=1)  # native axis feeding each target axis (the others' tiny
+    # couplings, if any, are left out)
     moved = np.transpose(values, axes)
     assign, received = [], []
     for r, c in enumerate(axes):

@@ -503,7 +503,7 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
 
     Scans whose record says ``ok`` are skipped. Preprocessing runs in ``nprocs`` worker
     processes while the networks run here, one scan at a time; the same workers then draw the
-    report pages.
+    report pages (when there was more than one scan to triage).
     """
     from multiprocessing import get_context
 
@@ -523,7 +523,8 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
     settings = bundle.preprocess_settings
     jobs = [(i, scan, settings) for i, scan in enumerate(todo)]
     # the workers start and preprocess while the networks load here
-    pool = get_context("spawn").Pool(nprocs) if nprocs > 1 and len(jobs) > 1 else None
+    pool = get_context("spawn").Pool(min(nprocs, len(jobs))) \
+        if nprocs > 1 and len(jobs) > 1 else None
     n_ok = n_error = 0
     seconds = []
     try:
@@ -548,6 +549,10 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
                         + (f": {rec['reason']}" if rec["flagged"] else ""))
                 bar.update()
         table = write_group(out_dir, bundle, pool)
+    except BaseException:
+        if pool:  # an error or Ctrl-C here: do not wait for the queued scans
+            pool.terminate()
+        raise
     finally:
         if pool:
             pool.close()
