@@ -60,7 +60,7 @@ def main() -> None:
     n, batch = int(section["mc_samples"]), int(section["mc_batch"])
     keras.utils.set_random_seed(0)
     model = build_mc_unet(None, cfg)
-    compile_for_training(model, 1e-3, make_loss(section["loss"]))
+    compile_for_training(model, section, make_loss(section["loss"]))
 
     print(f"backend {keras.backend.backend()}, profile {profile.name}, grid {shape}, "
           f"patch {section['patch']}, batch {section['batch_size']}, N = {n} samples")

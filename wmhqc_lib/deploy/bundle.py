@@ -33,10 +33,11 @@ from ..config import PROFILE_NAMES, PreprocessSettings, Profile, load_profile
 from ..data import cohort, preprocess
 from ..qc import evaluation as ev
 from ..study import report
+from ..study.steps import FoldPaths, file_digest
 
-# ``qc.regression`` and ``study.steps`` are imported where they are used: both load Keras and
-# TensorFlow (10 s), and triage's worker processes import this module only to unpickle a
-# Bundle while they preprocess scans and draw report pages.
+# ``qc.regression`` is imported where it is used: it loads Keras and TensorFlow (10 s), and
+# triage's worker processes import this module only to unpickle a Bundle while they
+# preprocess scans and draw report pages.
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -135,8 +136,6 @@ def profile_of(results_dir: str | Path, profile: str | Profile | None) -> Profil
 
 
 def _required_files(results_dir: Path, fold: int, dr_names: list[str]) -> dict[str, Path]:
-    from ..study.steps import FoldPaths
-
     paths = FoldPaths.under(results_dir, fold)
     files = {"mc_unet": paths.mc_unet / "best.keras", "rec_unet": paths.rec_unet / "best.keras"}
     for name in dr_names:
@@ -149,8 +148,6 @@ def _check_finished(results_dir: Path, folds: list[int], dr_names: list[str]) ->
     """Refuse an unfinished or failed study, naming the first missing step of each fold."""
     steps = (("mc_unet", "the MC U-net (02_mc_unet)"), ("rec_unet",
              "the reconstruction U-net (04_rec_unet)"))
-    from ..study.steps import FoldPaths
-
     problems = []
     for fold in folds:
         paths = FoldPaths.under(results_dir, fold)
@@ -250,8 +247,6 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     have finished every step. Each fold's threshold is chosen on that fold's validation rows
     with the profile's ``evaluation.select`` rule.
     """
-    from ..study.steps import FoldPaths, file_digest
-
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     prof = profile_of(results_dir, profile)
     folds = sorted(folds or range(1, prof.folds.n_folds + 1))
@@ -385,8 +380,6 @@ def card_markdown(card: dict) -> str:
 
 def load_bundle(path: str | Path) -> Bundle:
     """Read a bundle, checking its format version and every file's checksum first."""
-    from ..study.steps import file_digest
-
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,18 +309,18 @@ class TrainResult:
     skipped: bool
 
 
-def compile_for_training(model: keras.Model, learning_rate: float, loss: Callable,
-                         run_eagerly: bool = False) -> None:
-    """Compile with Adam and make its slot variables now.
+def compile_for_training(model: keras.Model, section: Mapping, loss: Callable) -> None:
+    """Compile with Adam at the network section's ``learning_rate`` and make its slot
+    variables now.
 
     Made lazily, the slots are created inside the first traced training step, and TensorFlow
     traces a function that creates variables twice: 2.5 s more start-up per training run on
-    this project's CPU. ``run_eagerly`` skips tracing the training step altogether, which pays
-    only when a run has a handful of steps on tiny inputs (the smoke profile's
-    ``run_eagerly``): there, tracing costs more than the steps it would speed up.
+    this project's CPU. A section with ``run_eagerly: true`` skips tracing the training step
+    altogether, which pays only for a handful of steps on tiny inputs (the smoke profile):
+    there, tracing costs more than the steps it would speed up.
     """
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
-                  run_eagerly=run_eagerly)
+    model.compile(optimizer=keras.optimizers.Adam(float(section["learning_rate"])), loss=loss,
+                  run_eagerly=bool(section.get("run_eagerly", False)))
     model.optimizer.build(model.trainable_variables)
 
 
@@ -388,8 +388,7 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
     else:
         model = build()
     # on resume the weights come back; Adam's moment estimates start afresh
-    compile_for_training(model, float(section["learning_rate"]), loss,
-                         bool(section.get("run_eagerly", False)))
+    compile_for_training(model, section, loss)
     dataset = make_dataset(state["epochs_run"])
     callback = WholeVolumeValidation(val_cases, folder, int(section["patience"]), dataset, state,
                                      progress, score=score, score_name=score_name, mode=mode)

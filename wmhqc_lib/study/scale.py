@@ -401,9 +401,8 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
     refuse_if_too_big(f"MC inference with chunks of {chunk} samples",
                       activation_bytes(mc_sampler(model, min(chunk, n)), shape),
                       "lower mc_unet.mc_batch")
-    compile_for_training(model, float(mc["learning_rate"]),
-                         make_loss(mc.get("loss", "dice_bce"), float(mc.get("bce_weight", 1.0))),
-                         bool(mc.get("run_eagerly", False)))
+    compile_for_training(model, mc,
+                         make_loss(mc.get("loss", "dice_bce"), float(mc.get("bce_weight", 1.0))))
     case = _random_case(shape, len(CHANNELS), rng)
     patches = PatchDataset([case], patch, batch, 1, profile.seed,
                            float(mc.get("lesion_patch_fraction", 0.67)),
@@ -444,11 +443,10 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
     refuse_if_too_big("the reconstruction U-net training step",
                       3 * activation_bytes(rec_model, rpatch, rbatch),
                       "lower rec_unet.batch_size or rec_unet.patch")
-    compile_for_training(rec_model, float(rec["learning_rate"]),
+    compile_for_training(rec_model, rec,
                          make_ssim_loss(int(rec.get("ssim_window", 7)),
                                         float(rec.get("ssim_sigma", 1.5)),
-                                        rec.get("ssim_mode", "3d")),
-                         bool(rec.get("run_eagerly", False)))
+                                        rec.get("ssim_mode", "3d")))
     rec_patches = RecPatchDataset([training_case(case)], rpatch, rbatch, 1, profile.seed,
                                   float(rec.get("lesion_patch_fraction", 0.67)),
                                   Augmentation.from_section(rec.get("augmentation")))
@@ -474,9 +472,8 @@ def check_scale(profile: Profile, cases: int | None = None, repeats: int = 1,
     dbatch = int(dr["batch_size"])
     regressor = build_dice_regressor(shape, 2, dr["filters"], int(dr.get("input_pool", 1)),
                                      float(dr.get("negative_slope", 0.3)))
-    compile_for_training(regressor, float(dr["learning_rate"]),
-                         keras.losses.Huber(delta=float(dr.get("huber_delta", 1.0))),
-                         bool(dr.get("run_eagerly", False)))
+    compile_for_training(regressor, dr,
+                         keras.losses.Huber(delta=float(dr.get("huber_delta", 1.0))))
     dx = batch_of(2, shape, dbatch)
     dy = rng.random((dbatch, 1)).astype(np.float32)
     guarded("Dice regressor training step", "lower dice_regression.batch_size",
