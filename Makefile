@@ -3,7 +3,8 @@
 #   make reproduce PROFILE=smoke   a tiny end-to-end run in minutes
 #   make reproduce DATA_ROOT=/data/wmh FOLDS="1 2"
 #   make reproduce JOBS=5          5 fold steps side by side (default 2 for smoke and cpu, 1 for
-#                                  paper)
+#                                  paper and your own profiles)
+#   make reproduce PROFILE=mine    any section of wmhqc_lib/profiles.yml
 #   make reproduce-fold-3          fold 3's steps alone (after the data stage)
 #   make lab                       JupyterLab on the notebooks with the project's kernel
 #   make test                      lint + test suite
@@ -80,7 +81,8 @@ REPRO = $(BIN)/wmhqc reproduce --profile $(PROFILE) --results $(RESULTS) \
 # (and OpenMP). Default 2 for smoke and cpu: on 2 cores, two one-thread folds ran two cpu folds in
 # 7 min where one two-thread fold at a time took 13.5 (TensorFlow's own threading gains little
 # on these small 3D convolutions, and start-up, tracing and plotting are single-threaded).
-# 1 for paper: one GPU per fold. With `make -j N reproduce` set JOBS=N too, so that the
+# 1 for paper (one GPU per fold) and for a profile of your own (one lane, which fits any
+# machine; set JOBS for more). With `make -j N reproduce` set JOBS=N too, so that the
 # threads are shared out.
 ifneq ($(filter smoke cpu,$(PROFILE)),)
 JOBS ?= 2

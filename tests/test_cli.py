@@ -51,3 +51,32 @@ def test_synth_refuses_a_folder_made_with_other_settings(smoke_cohort, capsys):
                  "--seed", "12345"])
     assert code == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_profile_option_takes_any_profile_of_the_file(tmp_path, monkeypatch, capsys):
+    """``--profile`` names any section of the profiles file, a user's own included; an unknown
+    name fails while parsing, with exit 2 and the profiles that exist."""
+    import pytest
+    import yaml
+
+    from wmhqc_lib import config
+    from wmhqc_lib.cli import build_parser
+
+    raw = yaml.safe_load(config.PROFILES_FILE.read_text())
+    raw["my_lab"] = {"folds": {"n_folds": 3}}
+    own = tmp_path / "profiles.yml"
+    own.write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.setattr(config, "PROFILES_FILE", own)
+    parser = build_parser()
+    for name in (*config.PROFILE_NAMES, "my_lab"):
+        assert parser.parse_args(["reproduce", "--profile", name]).profile == name
+    args = parser.parse_args(["export", "--results", str(tmp_path / "my_lab"), "--out",
+                              str(tmp_path / "b"), "--profile", "my_lab"])
+    assert args.profile == "my_lab"
+    assert load_profile("my_lab").folds.n_folds == 3
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["data", "synth", "--out", str(tmp_path / "c"), "--profile", "nope"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown profile 'nope'" in err and "smoke, cpu, paper, my_lab" in err
+    assert not (tmp_path / "c").exists()

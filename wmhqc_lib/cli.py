@@ -7,9 +7,20 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import PROFILE_NAMES, load_profile
+from .config import PROFILES_FILE, load_profile, profile_names
 from .data import datasets
 from .data.io import DataError
+
+
+def profile_name(value: str) -> str:
+    """``--profile``: any section of the profiles file (a user's own too), checked when the
+    arguments are parsed so that a typo fails at once with the profiles there are."""
+    names = profile_names()
+    if value not in names:
+        raise argparse.ArgumentTypeError(
+            f"unknown profile {value!r} (available: {', '.join(names)}; a profile is a "
+            f"section of {PROFILES_FILE})")
+    return value
 
 
 def _profile(args: argparse.Namespace):
@@ -236,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_profile(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", default=None, choices=PROFILE_NAMES,
-                       help="run profile from wmhqc_lib/profiles.yml (default: $WMHQC_PROFILE "
-                            "or cpu)")
+        p.add_argument("--profile", default=None, type=profile_name, metavar="NAME",
+                       help="run profile: a section of wmhqc_lib/profiles.yml, such as smoke, "
+                            "cpu, paper or one of your own (default: $WMHQC_PROFILE or cpu)")
         p.add_argument("--seed", type=int, default=None, help="override the profile's seed")
 
     data = sub.add_parser("data", help="cohort data: synthesize, index, preprocess, folds")
@@ -419,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a checksummed bundle for `wmhqc triage`.")
     p.add_argument("--results", required=True, type=Path, help="results/<profile> of a run")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--profile", default=None, choices=PROFILE_NAMES,
-                   help="the run's profile (default: the results folder's name)")
+    p.add_argument("--profile", default=None, type=profile_name, metavar="NAME",
+                   help="the run's profile, a section of wmhqc_lib/profiles.yml (default: the "
+                        "results folder's name)")
     p.add_argument("--score", default=None,
                    help="QC score to carry (default: lowest AURC on pooled validation rows)")
     p.add_argument("--folds", type=int, nargs="+", default=None,

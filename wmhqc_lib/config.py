@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yml")
+#: The profiles the project ships; :func:`profile_names` lists every profile of a file,
+#: including one a user adds.
 PROFILE_NAMES = ("smoke", "cpu", "paper")
 
 
@@ -81,12 +83,22 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_profiles(path: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    path = Path(path) if path else PROFILES_FILE
+    with open(path) as fh:
+        return path, yaml.safe_load(fh) or {}
+
+
+def profile_names(path: str | Path | None = None) -> list[str]:
+    """Every profile of the profiles file (its sections but ``defaults``), in file order, so
+    that a profile a user adds is accepted wherever a profile name is."""
+    return [k for k in _read_profiles(path)[1] if k != "defaults"]
+
+
 def load_profile(name: str | None = None, path: str | Path | None = None) -> Profile:
     """Load a profile by name (default: ``$WMHQC_PROFILE`` or ``cpu``)."""
     name = name or os.environ.get("WMHQC_PROFILE", "cpu")
-    path = Path(path) if path else PROFILES_FILE
-    with open(path) as fh:
-        raw = yaml.safe_load(fh)
+    path, raw = _read_profiles(path)
     if name not in raw or name == "defaults":
         known = ", ".join(k for k in raw if k != "defaults")
         raise ValueError(f"{path}: unknown profile {name!r} (known: {known})")

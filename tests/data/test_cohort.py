@@ -188,3 +188,21 @@ def test_grid_volume_check_counts_empty_references_and_ratios():
     assert table.loc["all", "grid_ratio_min"] == pytest.approx(0.99)
     assert table.loc["all", "grid_ratio_max"] == pytest.approx(1.025)
     assert table.loc["s1", "roundtrip_dice_median"] == pytest.approx(0.6)
+
+
+def test_grid_cost_counts_subjects_the_grid_alone_fails():
+    prep = pd.DataFrame({
+        "subject_id": list("abcdef"), "status": ["computed"] * 5 + ["failed"],
+        "site": ["s1", "s1", "s1", "s2", "s2", "s2"],
+        "roundtrip_dice": [0.9, 0.45, 0.8, 1.0, 0.3, np.nan],
+        "reference_empty": [False, False, False, True, False, False]})
+    cost = cohort.grid_cost(prep, quality_threshold=0.5).set_index("site")
+    # the empty reference (d) and the failed case (f) are left out
+    assert cost.loc["all", "subjects"] == 4
+    assert cost.loc["all", "failed_by_grid"] == 2
+    assert cost.loc["all", "failed_by_grid_share"] == pytest.approx(0.5)
+    assert cost.loc["s1", "failed_by_grid"] == 1 and cost.loc["s2", "failed_by_grid"] == 1
+    assert cost.loc["s1", "roundtrip_median"] == pytest.approx(0.8)
+    assert cost.loc["s2", "roundtrip_min"] == pytest.approx(0.3)
+    # a stricter threshold fails more of the same subjects
+    assert cohort.grid_cost(prep, 0.85).set_index("site").loc["all", "failed_by_grid"] == 3

@@ -392,14 +392,18 @@ def test_interrupted_training_resumes(runs):
     state = json.loads((folder / "state.json").read_text())
     key = json.loads(state["key"])
     section = dict(key["section"], epochs=3)
+    # the plateau schedule had lowered the rate before the interruption: the resumed run
+    # must go on at that rate, not at the section's starting one
     state.update(done=False, key=json.dumps(dict(key, section=section), sort_keys=True,
-                                            default=str))
+                                            default=str), learning_rate=0.0025)
     (folder / "state.json").write_text(json.dumps(state))
     train = [phantom_case(f"t{i}", i) for i in range(4)]
     result = fit_segmenter(lambda: build_mc_unet(None, LOOP_CFG), train,
                            [phantom_case("v0", 10)], folder, section, 6, progress=False)
     assert result.resumed and not result.skipped
     assert list(result.history["epoch"]) == [1, 2, 3]
+    assert result.history["learning_rate"].iloc[0] == pytest.approx(0.01)
+    assert result.history["learning_rate"].iloc[1] == pytest.approx(0.0025)
 
 
 def test_mc_inference_writes_maps_and_resumes(tmp_path, model):
@@ -489,3 +493,44 @@ def test_a_saved_model_is_identified_by_its_weights_not_its_file(tmp_path):
     kernel.assign(kernel.numpy() + 1e-3)
     again.save(tmp_path / "c.keras")
     assert weights_digest(tmp_path / "c.keras") != weights_digest(tmp_path / "a.keras")
+
+
+def test_plateau_schedule_lowers_the_rate_then_waits():
+    from wmhqc_lib.nets.training import LearningRateSchedule
+
+    assert LearningRateSchedule.from_section({"lr_patience": 0}) is None
+    schedule = LearningRateSchedule.from_section({"lr_patience": 2, "lr_factor": 0.5,
+                                                  "min_lr": 0.001})
+    state = {"best_epoch": 1}
+    rates, lr = [], 0.008
+    for epoch in range(1, 9):  # no new best after epoch 1
+        lr = schedule.after_epoch(state, epoch, lr)
+        rates.append(lr)
+    # halved two epochs after the best, then two epochs after each change, floored at min_lr
+    assert rates == [0.008, 0.008, 0.004, 0.004, 0.002, 0.002, 0.001, 0.001]
+    state = {"best_epoch": 5, "lr_changed": 3}  # a new best resets the wait
+    assert schedule.after_epoch(state, 6, 0.004) == 0.004
+    assert schedule.after_epoch(state, 7, 0.004) == 0.002
+
+
+def test_stopping_summary_tells_plateau_from_cap():
+    from wmhqc_lib.nets.training import stopping_summary
+
+    history = [{"epoch": e, "learning_rate": lr} for e, lr in
+               enumerate([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4], start=1)]
+    section = {"epochs": 5, "patience": 3}
+    early = stopping_summary({"history": history, "epochs_run": 5, "best_epoch": 2,
+                              "stopped_early": True}, section)
+    assert "early stopping" in early and "epochs 2, 4" in early
+    capped = stopping_summary({"history": history, "epochs_run": 5, "best_epoch": 5}, section)
+    assert "epoch cap" in capped and "still have been improving" in capped
+
+
+def test_batched_validation_matches_one_volume_at_a_time():
+    from wmhqc_lib.nets.training import deterministic, predict_volume, predict_volumes
+
+    net = deterministic(build_mc_unet(None, LOOP_CFG))
+    cases = [phantom_case(f"p{i}", i) for i in range(3)]
+    batched = predict_volumes(net, cases, batch=2)
+    for case, volume in zip(cases, batched, strict=True):
+        np.testing.assert_allclose(volume, predict_volume(net, case), atol=1e-5)

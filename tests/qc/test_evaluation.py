@@ -488,3 +488,64 @@ def test_bootstrap_replicates_equal_sklearn_and_scipy():
             assert row[4] == pytest.approx(stats.pearsonr(ss, dd).statistic)
         else:
             assert math.isnan(row[4])
+
+
+def test_reference_scores_read_the_annotation_and_get_no_threshold():
+    names = {s.name for s in ev.REFERENCE_SCORES}
+    assert names == {"true_lesion_ml", "roundtrip_dice"}
+    assert not names & {s.name for s in ev.QC_SCORES}  # never among the QC scores
+    for spec in ev.REFERENCE_SCORES:
+        assert spec.reads_annotation and "reads the annotation" in spec.label
+        assert spec.higher_is_better  # small lesions, a lossy grid <-> low Dice
+        assert ev.qc_score(spec.name) == spec and ev.resolve_score(spec.column) == spec
+    cases = fold_cases(seed=8).assign(true_lesion_ml=lambda t: t["pred_lesion_ml"])
+    with pytest.raises(ValueError, match="reference line"):
+        ev.select_threshold(ev.scored_rows(cases), "true_lesion_ml", "f1")
+    with pytest.raises(ValueError, match="reference line"):
+        ev.evaluate_folds(cases, "true_lesion_ml", select="youden")
+    # threshold-free ranking metrics are fine
+    assert np.isfinite(ev.failure_auroc(ev.scored_rows(cases), "true_lesion_ml",
+                                        quality_threshold=0.75))
+
+
+def test_failure_auroc_matches_evaluate_score_and_is_nan_for_one_class():
+    test = ev.scored_rows(fold_cases(seed=9))
+    for name in ("dr_error", "mean_entropy_lesion"):
+        assert ev.failure_auroc(test, name) == evaluate_score(test, name, 0.5)["failure_auroc"]
+    assert ev.failure_auroc(HAND, "score", higher_is_better=True) == pytest.approx(
+        roc_auc_score(HAND["true_dice"] < 0.75, -HAND["score"]))
+    good = HAND[HAND["true_dice"] >= 0.75]
+    assert math.isnan(ev.failure_auroc(good, "score", higher_is_better=True))
+    assert math.isnan(ev.failure_auroc(HAND.iloc[:1], "score", higher_is_better=True))
+
+
+def test_paired_delta_of_a_score_against_itself_is_exactly_zero():
+    test = ev.scored_rows(fold_cases(seed=10))
+    same = ev.paired_bootstrap_delta(test, "dr_error", "dr_error", n_boot=200, seed=4)
+    assert list(same.index) == list(ev.DELTA_METRICS)
+    assert (same[["delta", "low", "high"]] == 0.0).all().all()
+    assert (same["n_valid"] == 200).all()
+
+
+def test_paired_delta_is_paired_stratified_and_seeded():
+    test = ev.scored_rows(fold_cases(seed=11, n_test=15))
+    a = ev.paired_bootstrap_delta(test, "dr_error", "pred_lesion_ml", n_boot=300, seed=5)
+    pd.testing.assert_frame_equal(
+        a, ev.paired_bootstrap_delta(test, "dr_error", "pred_lesion_ml", n_boot=300, seed=5))
+    # point estimate: the plain difference of the two scores' metrics on all rows
+    mine, base = (evaluate_score(test, s, 0.5) for s in ("dr_error", "pred_lesion_ml"))
+    for metric in ev.DELTA_METRICS:
+        assert a.loc[metric, "delta"] == pytest.approx(mine[metric] - base[metric])
+        assert a.loc[metric, "low"] <= a.loc[metric, "delta"] <= a.loc[metric, "high"]
+    # the same resamples for both: swapping the scores mirrors every interval exactly
+    b = ev.paired_bootstrap_delta(test, "pred_lesion_ml", "dr_error", n_boot=300, seed=5)
+    assert b["delta"].to_numpy() == pytest.approx(-a["delta"].to_numpy())
+    assert b["low"].to_numpy() == pytest.approx(-a["high"].to_numpy())
+    # stratified by failure: even with two failed cases every resample has an AUROC
+    few = test.assign(true_dice=np.where(np.arange(len(test)) < 2, 0.2, 0.95))
+    rare = ev.paired_bootstrap_delta(few, "dr_error", "pred_lesion_ml", n_boot=300, seed=5)
+    assert rare.loc["failure_auroc", "n_valid"] == 300
+    # a score that orders the cases perfectly beats a random-looking volume on both metrics
+    perfect = test.assign(dr_error=test["true_dice"])
+    win = ev.paired_bootstrap_delta(perfect, "dr_error", "pred_lesion_ml", n_boot=300, seed=5)
+    assert win.loc["failure_auroc", "low"] > 0 and win.loc["aurc", "high"] < 0

@@ -69,6 +69,25 @@ def test_every_page_loads_offline_without_errors(tab, served_book):
 
 
 @pytest.mark.slow
+def test_each_chapter_shows_only_the_parameters_of_its_run(tab, served_book):
+    """A chapter shows one parameters cell, the one papermill injected with the run's values
+    and headed as such, not the template's defaults above it. (The test run is itself smoke,
+    so the cells are told apart by their tags, not by the values.)"""
+    from wmhqc_lib.study.pipeline import RUN_PARAMETERS_HEADING
+
+    chapters = [rel for rel in toc_pages(served_book[1]) if rel.startswith("notebooks/")]
+    assert len(chapters) >= 7
+    for rel in chapters:
+        page, _ = tab.open(rel)
+        shown = page.locator(".cell:has-text('profile_name =')")
+        assert shown.count() == 1, rel
+        assert "tag_injected-parameters" in shown.first.get_attribute("class"), rel
+        assert shown.first.is_visible(), rel
+        assert RUN_PARAMETERS_HEADING in shown.first.inner_text(), rel
+        assert page.locator(".cell.tag_parameters").count() == 0, rel
+
+
+@pytest.mark.slow
 def test_nilearn_figures_and_viewer_are_present(tab):
     page, watch = tab.open("notebooks/04_rec_unet.html")
     images = page.locator("img[src*='_images/']")

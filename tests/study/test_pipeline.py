@@ -11,7 +11,7 @@ import nbformat
 import pandas as pd
 
 from wmhqc_lib.config import load_profile
-from wmhqc_lib.study import pipeline
+from wmhqc_lib.study import pipeline, report
 
 
 def test_reproduce_smoke_builds_the_book(smoke_run):
@@ -136,7 +136,7 @@ def test_evaluation_tables_ship_with_the_book_as_csv(smoke_run):
     html = results / "book" / "_build" / "html"
     page = (html / "notebooks" / "06_evaluation.html").read_text()
     links = re.findall(r'href="(\.\./_static/tables/[^"]+\.csv)"', page)
-    assert len(links) == 4
+    assert len(links) == len(report.TABLE_FILES)
     for link in links:
         table = pd.read_csv(html / "notebooks" / link)
         assert len(table) > 0

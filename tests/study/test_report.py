@@ -188,3 +188,142 @@ def test_dice_by_grid_shows_what_exists(cases):
     full = report.dice_by_grid(richer)
     assert full["native - grid"].to_numpy() == pytest.approx([-0.05] * 3)
     assert full["empty reference"].tolist() == [2, 0, 1]  # s1_3 is a train row
+
+
+def _reviewer_cases() -> pd.DataFrame:
+    """Two folds; site B fails on validation, site A never, site C has no validation row. Lesion
+    volume decides most failures; ``pairwise_dice`` equals true Dice (a perfect ranking)."""
+    rows = []
+    sites_val, sites_test = ["A", "A", "B", "B", "A", "B"], ["A", "B", "C", "A", "B", "C"]
+    for fold in (1, 2):
+        for split, sites in (("train", ["A", "B"]), ("val", sites_val), ("test", sites_test)):
+            for i, site in enumerate(sites):
+                dice = (0.3 if site == "B" else 0.8) if split == "val" else 0.1 + 0.15 * i
+                rows.append({"fold": fold, "subject_id": f"s{fold}{split}{i}", "split": split,
+                             "site": site, "true_dice": dice, "pairwise_dice": dice,
+                             "true_lesion_ml": 10 * dice + fold, "pred_lesion_ml": 5.0 - i})
+    return pd.DataFrame(rows)
+
+
+def test_failure_prevalence_per_fold_and_pooled():
+    cases = _reviewer_cases()
+    table = report.failure_prevalence(cases, quality_threshold=0.5)
+    # test Dice 0.1, 0.25, 0.4, 0.55, 0.7, 0.85 in each fold: three below 0.5
+    assert list(table.index) == [1, 2, "pooled"]
+    assert table.loc[1, "n_cases"] == 6 and table.loc[1, "n_failed"] == 3
+    assert table.loc["pooled"].tolist() == [12, 6, 0.5]
+    assert report.failure_prevalence(cases, quality_threshold=0.3).loc["pooled", "n_failed"] == 4
+
+
+def test_site_score_reads_validation_rows_only():
+    cases = _reviewer_cases()
+    scored = report.add_site_score(cases, quality_threshold=0.5)
+    test = scored[scored["split"] == "test"]
+    rate = dict(zip(test["site"], test["site_failure_rate"], strict=False))
+    assert rate == {"A": 0.0, "B": 1.0, "C": 0.5}  # C: the fold's pooled validation rate
+    assert scored.loc[scored["split"] != "test", "site_failure_rate"].isna().all()
+    # the test rows' Dice (and scores) change nothing
+    shaken = cases.copy()
+    is_test = shaken["split"] == "test"
+    shaken.loc[is_test, "true_dice"] = 1.0 - shaken.loc[is_test, "true_dice"]
+    pd.testing.assert_series_equal(
+        report.add_site_score(shaken, quality_threshold=0.5)["site_failure_rate"],
+        scored["site_failure_rate"])
+    # ... while validation rows do
+    moved = cases.copy()
+    moved.loc[(moved["split"] == "val") & (moved["site"] == "A"), "true_dice"] = 0.2
+    assert (report.add_site_score(moved, quality_threshold=0.5).loc[
+        is_test & (cases["site"] == "A"), "site_failure_rate"] == 1.0).all()
+    assert not report.SITE_SCORE.higher_is_better and report.SITE_SCORE.baseline
+
+
+def test_roundtrip_dice_is_joined_from_the_preprocessing_table(monkeypatch):
+    cases = _reviewer_cases()
+    prep = pd.DataFrame({"subject_id": cases["subject_id"].unique()})
+    prep["roundtrip_dice"] = np.linspace(0.2, 0.9, len(prep))
+    monkeypatch.setattr(report.cohort, "load", lambda _: (None, prep, None))
+    joined = report.add_roundtrip_dice(cases, "results")
+    assert len(joined) == len(cases)
+    assert joined.set_index("subject_id")["roundtrip_dice"].to_dict() == \
+        prep.set_index("subject_id")["roundtrip_dice"].to_dict()
+    monkeypatch.setattr(report.cohort, "load", lambda _: (None, prep.drop(
+        columns="roundtrip_dice"), None))
+    assert "roundtrip_dice" not in report.add_roundtrip_dice(cases, "results")  # older runs
+
+
+def test_reference_lines_are_ranked_but_never_win_or_get_chosen():
+    cases = _reviewer_cases().assign(roundtrip_dice=lambda t: t["true_dice"])
+    scores = [ev.qc_score("pred_lesion_ml")]
+    cases, refs = report.reference_lines(cases, quality_threshold=0.5)
+    assert [s.name for s in refs] == ["site_failure_rate", "true_lesion_ml", "roundtrip_dice"]
+    ranking = report.ranking_table(cases, scores + refs, n_boot=50, quality_threshold=0.5)
+    roles = ranking["role"].to_dict()
+    assert roles[ev.qc_score("true_lesion_ml").label] == report.ROLE_REFERENCE
+    assert roles[report.SITE_SCORE.label] == report.ROLE_BASELINE
+    assert "role" in report.ranking_display(ranking)
+    # the annotation-reading lines rank perfectly here, yet the winner is a non-reference row
+    assert ranking.loc[ev.qc_score("roundtrip_dice").label, "failure_auroc"] == 1.0
+    wins = report.winners(ranking, _no_table())
+    refs_labels = {s.label for s in refs if s.reads_annotation}
+    assert not set(wins["best score"]) & refs_labels
+    assert not any(label in text for label in refs_labels
+                   for text in wins["tied with"].tolist() + wins["verdict"].tolist())
+    # never eligible for the carried score, even with the best validation AURC
+    pair = ev.qc_score("pairwise_dice")
+    spread = cases.assign(pairwise_dice=cases["pred_lesion_ml"])
+    spec, table = report.choose_score(spread, [ev.qc_score("true_lesion_ml"), pair])
+    assert spec == pair and list(table.index) == [pair.label]
+    with pytest.raises(ValueError, match="reference line"):
+        report.choose_score(cases, list(ev.REFERENCE_SCORES))
+
+
+def test_auroc_within_volume_thirds():
+    rng = np.random.default_rng(3)
+    n = 60
+    volume = np.arange(n, dtype=float)
+    dice = np.where(volume < 20, 0.2, rng.uniform(0.2, 0.9, n))  # lowest third: all failed
+    cases = pd.DataFrame({"fold": 1, "split": "test", "subject_id": [f"s{i}" for i in range(n)],
+                          "true_dice": dice, "pairwise_dice": dice,
+                          "true_lesion_ml": volume, "pred_lesion_ml": volume})
+    counts = report.third_counts(cases, quality_threshold=0.5)
+    assert list(counts.index) == list(report.THIRDS)
+    assert counts["n_cases"].tolist() == [20, 20, 20]
+    assert counts.loc["lower third", "n_failed"] == 20
+    assert counts.loc["upper third", "n_failed"] == int((dice[40:] < 0.5).sum())
+    assert (counts.loc["lower third", "min_ml"], counts.loc["lower third", "max_ml"]) == (0, 19)
+    scores = [ev.qc_score("pairwise_dice"), ev.qc_score("pred_lesion_ml")]
+    table = report.auroc_by_volume_third(cases, scores, quality_threshold=0.5)
+    perfect = table.loc[scores[0].label]
+    assert np.isnan(perfect["lower third"])  # one class: undefined, not 0 or 1
+    assert perfect["middle third"] == perfect["upper third"] == 1.0
+    assert "lower third all 20 test cases failed" in report.thirds_note(counts)
+    full = report.third_counts(cases.assign(true_dice=rng.uniform(0.2, 0.9, n)),
+                               quality_threshold=0.5)
+    assert "every AUROC is defined" in report.thirds_note(full)
+
+
+def test_added_value_against_predicted_volume():
+    rng = np.random.default_rng(4)
+    n = 80
+    dice = rng.uniform(0.1, 0.9, n)
+    cases = pd.DataFrame({"fold": 1, "split": "test", "subject_id": [f"s{i}" for i in range(n)],
+                          "true_dice": dice, "pairwise_dice": dice,
+                          "pred_lesion_ml": dice + rng.normal(0, 0.3, n)})
+    cases["copy_of_volume"] = cases["pred_lesion_ml"]
+    copy = ev.QCScore("copy", "copy_of_volume", "volume again", True)
+    scores = [ev.qc_score("pairwise_dice"), ev.qc_score("pred_lesion_ml"), copy]
+    table = report.added_value_table(cases, scores, n_boot=200, seed=2, quality_threshold=0.5)
+    assert list(table.index) == [scores[0].label, copy.label]  # the volume itself left out
+    same = table.loc[copy.label]
+    assert (same[["delta_failure_auroc", "delta_failure_auroc_low", "delta_failure_auroc_high",
+                  "delta_aurc", "delta_aurc_low", "delta_aurc_high"]] == 0).all()
+    assert same["verdict"] == "AUROC: no difference shown; AURC: no difference shown"
+    best = table.loc[scores[0].label]
+    assert best["delta_failure_auroc_low"] > 0 and best["delta_aurc_high"] < 0
+    assert best["verdict"] == "AUROC: better; AURC: better"
+    pd.testing.assert_frame_equal(table, report.added_value_table(
+        cases, scores, n_boot=200, seed=2, quality_threshold=0.5))
+    shown = report.added_value_display(table)
+    assert shown.loc[copy.label, "Δ failure AUROC (> 0: better)"] == "0.000 [0.000, 0.000]"
+    all_failed = report.added_value_table(cases, scores, n_boot=50, quality_threshold=0.95)
+    assert all_failed.loc[scores[0].label, "verdict"].startswith("AUROC: undefined")

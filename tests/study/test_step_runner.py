@@ -1,6 +1,6 @@
 """The step runner on small test notebooks: a failing step blocks only what depends on it, a
 failing fold does not stop the others, a step running elsewhere is waited for, and a kernel's
-stderr reaches the step log."""
+stderr reaches the step log (each line once)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,32 @@ def test_kernel_process_stderr_goes_to_the_step_log(tmp_path, monkeypatch, smoke
     assert [r.status for r in pipeline.run_steps(cfg, [pipeline.Step("a.ipynb")])] == ["ran"]
     assert "FROM-THE-KERNEL-FD" not in capfd.readouterr().err
     assert "FROM-THE-KERNEL-FD" in (cfg.log_dir / "a.log").read_text()
+
+
+def test_each_progress_line_reaches_the_step_log_once(tmp_path, monkeypatch, smoke_cohort):
+    """A training step's epoch lines (``log_progress``, written to the kernel's own stderr),
+    C-level stderr and Python ``sys.stderr`` writes each appear once in the step log, and the
+    progress lines stay out of the executed notebook. ipykernel skips its fd capture, which
+    doubled every such line, when it sees pytest's variable: the kernel here runs without it,
+    as in ``make reproduce``."""
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    write_test_notebook(nbdir / "a.ipynb",
+                        "import os, sys\nfrom wmhqc_lib.nets.training import log_progress\n"
+                        "for epoch in (1, 2):\n    log_progress(f'EPOCH-LINE {epoch}')\n"
+                        "os.write(2, b'FD2-LINE\\n')\nprint('PY-STDERR-LINE', file=sys.stderr)")
+    monkeypatch.setattr(pipeline, "NOTEBOOK_DIR", nbdir)
+    cfg = pipeline.RunConfig(profile=load_profile("smoke"), data_root=Path(smoke_cohort),
+                             results_dir=tmp_path / "results", progress=False)
+    assert [r.status for r in pipeline.run_steps(cfg, [pipeline.Step("a.ipynb")])] == ["ran"]
+    lines = (cfg.log_dir / "a.log").read_text().splitlines()
+    for line in ("EPOCH-LINE 1", "EPOCH-LINE 2", "FD2-LINE", "PY-STDERR-LINE"):
+        assert lines.count(line) == 1, (line, lines)
+    executed = nbformat.read(cfg.executed_dir / "a.ipynb", as_version=4)
+    shown = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code"
+                    for o in c.outputs)
+    assert "EPOCH-LINE" not in shown and "PY-STDERR-LINE" in shown
 
 
 def test_a_fold_that_breaks_after_a_success_blocks_the_final_stage(tmp_path, monkeypatch,

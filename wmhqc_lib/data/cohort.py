@@ -149,6 +149,33 @@ def grid_volume_check(prep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows + [{"site": "all", **summary(ok)}])
 
 
+def grid_cost(prep: pd.DataFrame, quality_threshold: float) -> pd.DataFrame:
+    """What the profile grid alone costs, per site and for all: the round-trip Dice of the
+    reference (median, 10th percentile, minimum) and how many subjects it already puts below
+    the failure threshold before any network runs.
+
+    Those subjects would count as failed even for a perfect segmenter on this grid, so a study
+    whose grid fails many of them measures the grid, not the segmenter or its QC. Subjects
+    with an empty reference are left out (their round trip is 1 by the empty-mask rule).
+    """
+    ok = prep[(prep["status"] != "failed") & prep["roundtrip_dice"].notna()].copy()
+    if "reference_empty" in ok:
+        ok = ok[~ok["reference_empty"].astype(bool)]
+
+    def summary(group: pd.DataFrame) -> dict:
+        rt = group["roundtrip_dice"].astype(float)
+        below = int((rt < quality_threshold).sum())
+        return {"subjects": len(rt), "roundtrip_median": rt.median(),
+                "roundtrip_p10": rt.quantile(0.1) if len(rt) else np.nan,
+                "roundtrip_min": rt.min(), "failed_by_grid": below,
+                "failed_by_grid_share": below / len(rt) if len(rt) else np.nan}
+
+    rows = []
+    if "site" in ok:
+        rows = [{"site": site, **summary(group)} for site, group in ok.groupby("site", sort=False)]
+    return pd.DataFrame(rows + [{"site": "all", **summary(ok)}])
+
+
 def example_cases(table: pd.DataFrame, column: str = "load_pct") -> dict[str, str]:
     """A small, a medium and a large lesion-load subject: the one nearest the median of each
     third of the load distribution (ties by subject id), for figures that show the range."""

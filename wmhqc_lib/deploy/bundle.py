@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import PROFILE_NAMES, PreprocessSettings, Profile, load_profile
+from ..config import PreprocessSettings, Profile, load_profile, profile_names
 from ..data import cohort, preprocess
 from ..qc import evaluation as ev
 from ..study import report
@@ -125,9 +125,10 @@ def profile_of(results_dir: str | Path, profile: str | Profile | None) -> Profil
     if profile:
         return load_profile(profile)
     name = Path(results_dir).resolve().name
-    if name not in PROFILE_NAMES:
+    names = profile_names()
+    if name not in names:
         raise BundleError(f"{results_dir}: cannot tell which profile this study ran with; "
-                          f"pass --profile ({', '.join(PROFILE_NAMES)})")
+                          f"pass --profile ({', '.join(names)})")
     return load_profile(name)
 
 

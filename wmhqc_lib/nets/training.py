@@ -224,7 +224,21 @@ def deterministic(model: keras.Model) -> keras.Model:
     return _DETERMINISTIC[model]
 
 
-def validation_dice(model: keras.Model, cases: Sequence[PreprocessedCase]) -> float:
+def predict_volumes(model: keras.Model, cases: Sequence[PreprocessedCase], batch: int = 4
+                    ) -> list[np.ndarray]:
+    """One forward pass per whole volume, ``batch`` volumes per call (cases of one grid share
+    a shape): fewer, larger calls keep both cores busy where one volume at a time left most
+    of a validation epoch to per-call overhead and thin convolutions."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(cases), max(1, batch)):
+        chunk = cases[start:start + max(1, batch)]
+        x = np.stack([np.moveaxis(c.image, 0, -1) for c in chunk]).astype(np.float32)
+        out.extend(np.asarray(model.predict_on_batch(x))[..., 0])
+    return out
+
+
+def validation_dice(model: keras.Model, cases: Sequence[PreprocessedCase], batch: int = 4
+                    ) -> float:
     """Mean lesion Dice on whole validation volumes (profile grid, partial-volume reference).
 
     An MC model is scored with dropout off, the deterministic approximation of the MC mean
@@ -232,8 +246,43 @@ def validation_dice(model: keras.Model, cases: Sequence[PreprocessedCase]) -> fl
     luck.
     """
     net = deterministic(model)
-    scores = [dice(predict_volume(net, c) > 0.5, c.lesion, c.ignore) for c in cases]
+    cases = list(cases)
+    scores = [dice(p > 0.5, c.lesion, c.ignore)
+              for p, c in zip(predict_volumes(net, cases, batch), cases, strict=True)]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """Learning rate lowered on a plateau of the validation score (``lr_patience`` epochs
+    without a new best: multiply by ``lr_factor``, not below ``min_lr``).
+
+    With early stopping at ``patience`` > ``lr_patience`` epochs, a network first gets a
+    smaller step or two to settle, then stops by its own plateau rather than by the epoch
+    cap. The current rate and the epoch of the last change live in the training state, so a
+    resumed run continues the same schedule.
+    """
+
+    lr_patience: int
+    lr_factor: float = 0.5
+    min_lr: float = 1e-5
+
+    @classmethod
+    def from_section(cls, section: Mapping) -> LearningRateSchedule | None:
+        """The schedule of a network section, or None when ``lr_patience`` is unset."""
+        if not section.get("lr_patience"):
+            return None
+        return cls(int(section["lr_patience"]), float(section.get("lr_factor", 0.5)),
+                   float(section.get("min_lr", 1e-5)))
+
+    def after_epoch(self, state: dict, epoch: int, lr: float) -> float:
+        """The rate for the next epoch, given the state after ``epoch`` epochs."""
+        waited = epoch - max(int(state.get("best_epoch", 0)), int(state.get("lr_changed", 0)))
+        if waited >= self.lr_patience and lr > self.min_lr:
+            lr = max(lr * self.lr_factor, self.min_lr)
+            state["lr_changed"] = epoch
+        state["learning_rate"] = lr
+        return lr
 
 
 class WholeVolumeValidation(keras.callbacks.Callback):
@@ -243,8 +292,12 @@ class WholeVolumeValidation(keras.callbacks.Callback):
     def __init__(self, val_cases: Sequence[PreprocessedCase], folder: Path, patience: int,
                  dataset: PatchDataset, state: dict, progress: bool = True, *,
                  score: Callable[[keras.Model], float] | None = None,
-                 score_name: str = "val_dice", mode: str = "max"):
+                 score_name: str = "val_dice", mode: str = "max",
+                 schedule: LearningRateSchedule | None = None,
+                 epoch_end: Callable[[int], None] | None = None):
         super().__init__()
+        self.schedule = schedule
+        self.epoch_end = epoch_end
         self.val_cases = list(val_cases)
         self.folder = folder
         self.patience = patience
@@ -270,20 +323,48 @@ class WholeVolumeValidation(keras.callbacks.Callback):
         best = self.state.get(f"best_{self.score_name}", -self.sign * np.inf)
         improved = np.isfinite(val) and self.sign * val > self.sign * best
         self.state["epochs_run"] = epoch + 1
+        row["learning_rate"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.model.save(self.folder / "last.keras")
         if improved:  # the same file: copied, not serialised twice
             self.state.update({f"best_{self.score_name}": val, "best_epoch": epoch + 1})
             shutil.copyfile(self.folder / "last.keras", self.folder / "best.keras")
+        if self.schedule is not None:
+            lr = self.schedule.after_epoch(self.state, epoch + 1, row["learning_rate"])
+            self.model.optimizer.learning_rate.assign(lr)
         _write_state(self.folder, self.state)
+        if self.epoch_end is not None:
+            self.epoch_end(epoch + 1)
         pd.DataFrame(self.state["history"]).to_csv(self.folder / "history.csv", index=False)
         if self.progress:
             mark = " *" if improved else ""
             label = "val Dice" if self.score_name == "val_dice" else self.score_name
             log_progress(f"epoch {epoch + 1}: loss {row['loss']:.4f}  {label} {val:.3f}  "
-                         f"({seconds:.1f} s){mark}")
+                         f"lr {row['learning_rate']:.2g}  ({seconds:.1f} s){mark}")
         if epoch + 1 - self.state.get("best_epoch", 0) >= self.patience:
             self.model.stop_training = True
             self.state["stopped_early"] = True
+
+
+def stopping_summary(state: Mapping, section: Mapping) -> str:
+    """How a training run ended, in words: by its own early stopping (with the epochs of its
+    learning-rate changes) or at the epoch cap, the case the training chapters must flag,
+    since a network stopped by the cap may not have reached its plateau."""
+    history = pd.DataFrame(state.get("history", []))
+    changes = []
+    if "learning_rate" in history and len(history) > 1:
+        lr = history["learning_rate"].to_numpy(dtype=float)
+        changes = [int(e) for e, a, b in zip(history["epoch"].iloc[1:], lr[:-1], lr[1:],
+                                             strict=True) if b < a]
+    lr_text = (f"; learning rate lowered after epoch{'s' if len(changes) > 1 else ''} "
+               + ", ".join(str(e - 1) for e in changes)) if changes else ""
+    run, best = int(state.get("epochs_run", 0)), state.get("best_epoch")
+    if state.get("stopped_early"):
+        return (f"stopped by early stopping after epoch {run} ({int(section['patience'])} "
+                f"epochs without a better validation score; best epoch {best}){lr_text}")
+    if run >= int(section["epochs"]):
+        return (f"reached the epoch cap ({run}) without {int(section['patience'])} epochs "
+                f"of plateau (best epoch {best}): it may still have been improving{lr_text}")
+    return f"interrupted after epoch {run} (best epoch {best}){lr_text}"
 
 
 def log_progress(line: str) -> None:
@@ -327,7 +408,8 @@ def compile_for_training(model: keras.Model, section: Mapping, loss: Callable) -
 def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[PreprocessedCase],
                   val_cases: Sequence[PreprocessedCase], folder: str | Path, section: dict,
                   seed: int, progress: bool = True,
-                  score: Callable[[keras.Model], float] | None = None) -> TrainResult:
+                  score: Callable[[keras.Model], float] | None = None,
+                  epoch_end: Callable[[int], None] | None = None) -> TrainResult:
     """Train (or resume, or skip when finished) a segmentation model in ``folder``.
 
     ``section`` is the profile's model section (patch, batch_size, steps_per_epoch, epochs,
@@ -348,7 +430,8 @@ def fit_segmenter(build: Callable[[], keras.Model], train_cases: Sequence[Prepro
 
     loss = make_loss(section.get("loss", "dice_bce"), float(section.get("bce_weight", 1.0)))
     return fit_model(build, folder, section, seed, key=key, make_dataset=make_dataset,
-                     loss=loss, val_cases=val_cases, score=score, progress=progress)
+                     loss=loss, val_cases=val_cases, score=score, progress=progress,
+                     epoch_end=epoch_end)
 
 
 def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dict, seed: int,
@@ -356,14 +439,18 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
               loss: Callable, val_cases: Sequence = (),
               score: Callable[[keras.Model], float] | None = None,
               score_name: str = "val_dice", mode: str = "max",
-              progress: bool = True) -> TrainResult:
+              progress: bool = True,
+              epoch_end: Callable[[int], None] | None = None) -> TrainResult:
     """The training loop behind :func:`fit_segmenter`, for any model of the study.
 
     ``key`` (JSON-able) says what the run depends on: a finished run with the same key is
     reused, an interrupted one resumes. ``make_dataset(start_epoch)`` gives the training
     batches; ``score(model)`` the validation score each epoch (default: whole-volume Dice of
     ``val_cases``), recorded as ``score_name``; the best checkpoint is its ``mode`` (max/min).
-    ``section`` supplies epochs, patience, learning_rate and run_eagerly.
+    ``section`` supplies epochs, patience, learning_rate and run_eagerly, and optionally
+    ``lr_patience``, ``lr_factor`` and ``min_lr`` (:class:`LearningRateSchedule`).
+    ``epoch_end(epoch)`` is called after each epoch's checkpoints are written (the regime
+    sweep keeps the best checkpoint as it stood at each epoch budget).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -389,9 +476,13 @@ def fit_model(build: Callable[[], keras.Model], folder: str | Path, section: dic
         model = build()
     # on resume the weights come back; Adam's moment estimates start afresh
     compile_for_training(model, section, loss)
+    if resumed and "learning_rate" in state:  # the schedule's rate when the run stopped
+        model.optimizer.learning_rate.assign(float(state["learning_rate"]))
     dataset = make_dataset(state["epochs_run"])
     callback = WholeVolumeValidation(val_cases, folder, int(section["patience"]), dataset, state,
-                                     progress, score=score, score_name=score_name, mode=mode)
+                                     progress, score=score, score_name=score_name, mode=mode,
+                                     schedule=LearningRateSchedule.from_section(section),
+                                     epoch_end=epoch_end)
     if not state.get("stopped_early") and state["epochs_run"] < int(section["epochs"]):
         model.fit(dataset, epochs=int(section["epochs"]), initial_epoch=state["epochs_run"],
                   callbacks=[callback], verbose=0)

@@ -70,8 +70,11 @@ class QCScore:
 
     ``higher_is_better``: a high score means a good segmentation. ``dice_scale``: the score
     predicts Dice itself, so MAE against true Dice means something. ``paper_table1``: one of the
-    five scores of the paper's Table 1. ``baseline``: a reference score any QC method must beat.
+    five scores of the paper's Table 1. ``baseline``: a simple score any QC method must beat.
     ``paper_threshold``: the threshold the paper's text used (tuned on test; shown, not adopted).
+    ``reads_annotation``: the score is computed from the case's own annotation, so no QC method
+    could have it on a new scan: a reference line that shows how far a ranking could go, never a
+    candidate for the carried score and never given a threshold.
     """
 
     name: str
@@ -82,6 +85,7 @@ class QCScore:
     paper_table1: bool = False
     baseline: bool = False
     paper_threshold: float | None = None
+    reads_annotation: bool = False
 
 
 #: The score columns the project's per-case tables hold (``results/<profile>/fold<k>/cases.csv``).
@@ -109,6 +113,21 @@ QC_SCORES: tuple[QCScore, ...] = (
     QCScore("pred_lesion_ml", "pred_lesion_ml", "predicted lesion volume (baseline)", True,
             baseline=True),
     QCScore("random", RANDOM_COLUMN, "random score (baseline)", True, baseline=True),
+)
+
+#: Reference lines: scores that read the case's annotation (``reads_annotation``), shown in the
+#: ranking to say how much of a score's success the lesion load alone, or the grid alone, would
+#: explain. Never in :data:`QC_SCORES`, so no comparison, threshold or score choice sees them.
+REFERENCE_SCORES: tuple[QCScore, ...] = (
+    # Small true lesion load <-> low Dice, as for the predicted volume, but known exactly.
+    QCScore("true_lesion_ml", "true_lesion_ml",
+            "true lesion volume (reference, reads the annotation)", True,
+            reads_annotation=True),
+    # The reference mask itself through the profile grid and back: a low round-trip Dice is a
+    # case the grid alone already spoils (REFERENCE.md section 6).
+    QCScore("roundtrip_dice", "roundtrip_dice",
+            "round-trip Dice of the reference (reference, reads the annotation)", True,
+            reads_annotation=True),
 )
 
 #: The paper's Table 1 (NOT our numbers): per score, (mean over folds, median over folds).
@@ -162,11 +181,13 @@ def read_cases(path: str | Path) -> pd.DataFrame:
 
 
 def qc_score(name: str) -> QCScore:
-    """The registry entry with this name or column."""
-    for spec in QC_SCORES:
+    """The registry entry (:data:`QC_SCORES`, then :data:`REFERENCE_SCORES`) with this name or
+    column."""
+    for spec in QC_SCORES + REFERENCE_SCORES:
         if name in (spec.name, spec.column):
             return spec
-    raise ValueError(f"unknown QC score {name!r}; known: {[s.name for s in QC_SCORES]}")
+    raise ValueError(f"unknown QC score {name!r}; known: "
+                     f"{[s.name for s in QC_SCORES + REFERENCE_SCORES]}")
 
 
 def resolve_score(score: str | QCScore, higher_is_better: bool | None = None,
@@ -178,7 +199,7 @@ def resolve_score(score: str | QCScore, higher_is_better: bool | None = None,
     if isinstance(score, QCScore):
         spec = score
     else:
-        known = [s for s in QC_SCORES if s.column == score]
+        known = [s for s in QC_SCORES + REFERENCE_SCORES if s.column == score]
         if known:
             spec = known[0]
         elif higher_is_better is None:
@@ -445,6 +466,23 @@ def _arrays(cases: pd.DataFrame, spec: QCScore, dice_column: str,
             checked[spec.column].to_numpy(dtype=float))
 
 
+def failure_auroc(cases: pd.DataFrame, score: str | QCScore, *,
+                  higher_is_better: bool | None = None,
+                  quality_threshold: float = QUALITY_THRESHOLD,
+                  dice_column: str = DICE_COLUMN) -> float:
+    """Failure AUROC of one score over every row of ``cases`` (positive = failed case).
+
+    NaN, not an error, when there are fewer than two rows or only one class: a subgroup (a third
+    of lesion volume, say) may hold no success at all, and then there is nothing to separate.
+    """
+    spec = resolve_score(score, higher_is_better, None)
+    _check_quality(quality_threshold)
+    if len(cases) < 2:
+        return math.nan
+    dice, values = _arrays(cases, spec, dice_column, quality_threshold)
+    return _auroc(dice < quality_threshold, values if not spec.higher_is_better else -values)
+
+
 def evaluate_score(cases: pd.DataFrame, score: str | QCScore, threshold: float, *,
                    higher_is_better: bool | None = None, dice_scale: bool | None = None,
                    quality_threshold: float = QUALITY_THRESHOLD,
@@ -580,6 +618,9 @@ def select_threshold(cases: pd.DataFrame, score: str | QCScore, rule: str, *,
     nothing is worth reviewing, so every rule flags none; with only failed cases it flags all.
     """
     spec = resolve_score(score, higher_is_better, None)
+    if spec.reads_annotation:
+        raise ValueError(f"{spec.label}: reads the annotation, so it is a reference line only; "
+                         "a threshold on it would flag cases no QC method could see")
     name, target = parse_rule(rule)
     dice, values = _arrays(cases, spec, dice_column, quality_threshold)
     good = values if spec.higher_is_better else -values
@@ -850,6 +891,61 @@ def _resampled_metrics(dice: np.ndarray, score: np.ndarray, higher_is_better: bo
     r[(np.ptp(s, axis=1) == 0) | (np.ptp(d, axis=1) == 0)] = math.nan  # scipy: constant input
     aurc, eaurc, norm_aurc = _aurc_family(1.0 - d, good)
     return np.column_stack([auroc, aurc, eaurc, norm_aurc, np.clip(r, -1.0, 1.0)])
+
+
+#: The metrics :func:`paired_bootstrap_delta` compares, and which sign means "better".
+DELTA_METRICS = {"failure_auroc": "higher", "aurc": "lower"}
+
+
+def paired_bootstrap_delta(cases: pd.DataFrame, score: str | QCScore,
+                           against: str | QCScore, *, n_boot: int = 1000, seed: int = 0,
+                           level: float = 0.95, quality_threshold: float = QUALITY_THRESHOLD,
+                           dice_column: str = DICE_COLUMN) -> pd.DataFrame:
+    """Does ``score`` rank the cases better than ``against``? Paired, stratified bootstrap.
+
+    Each resample draws the same cases for both scores, so what the two share (which cases are
+    hard) cancels in the difference and the interval is the difference's own. Resampling is
+    stratified by failure: failed and successful cases are drawn separately, each as many as
+    observed, so every resample has the observed prevalence, AUROC is always defined, and the
+    interval does not mix in a prevalence the cohort did not have. Seeded: the same ``seed``
+    draws the same resamples for every score compared against the same reference.
+
+    Rows: :data:`DELTA_METRICS` (failure AUROC: higher is better, so a positive delta favours
+    ``score``; AURC: lower is better, so a negative delta does). Columns: ``score``,
+    ``against``, ``delta`` (score minus against, on all rows), percentile interval ``low`` and
+    ``high``, ``n_valid`` resamples. Since the oracle's AURC is the same for both scores in a
+    resample, the AURC delta is also the e-AURC delta.
+    """
+    spec, other = resolve_score(score), resolve_score(against)
+    if n_boot < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    _check_quality(quality_threshold)
+    checked = check_cases(cases, [dice_column, spec.column, other.column],
+                          dice_column=dice_column)
+    dice = checked[dice_column].to_numpy(dtype=float)
+    failed = np.flatnonzero(dice < quality_threshold)
+    passed = np.flatnonzero(dice >= quality_threshold)
+    rng = np.random.default_rng([seed, 17])
+    idx = np.concatenate([part[rng.integers(0, len(part), (n_boot, len(part)))]
+                          for part in (failed, passed) if len(part)], axis=1)
+    # row 0: all cases once (the point estimate); then the resamples, shared by both scores
+    rows_drawn = np.concatenate([np.arange(len(dice))[None, :], idx])
+    score_metrics, other_metrics = (
+        _resampled_metrics(dice, checked[which.column].to_numpy(dtype=float),
+                           which.higher_is_better, quality_threshold, rows_drawn)
+        for which in (spec, other))
+    diff = score_metrics - other_metrics
+    alpha = (1.0 - level) / 2
+    rows = {}
+    for name in DELTA_METRICS:
+        j = BOOTSTRAP_METRICS.index(name)
+        point, samples = diff[0, j], diff[1:, j]
+        valid = samples[np.isfinite(samples)]
+        low, high = (np.quantile(valid, [alpha, 1 - alpha]) if len(valid)
+                     else (math.nan, math.nan))
+        rows[name] = {"score": spec.label, "against": other.label, "delta": float(point),
+                      "low": float(low), "high": float(high), "n_valid": len(valid)}
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def quality_threshold_sensitivity(cases: pd.DataFrame, score: str | QCScore, *,

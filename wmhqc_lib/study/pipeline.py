@@ -159,10 +159,20 @@ def _step_key(cfg: RunConfig, step: Step, fold: int | None, upstream: dict[str, 
     return _digest(parts)
 
 
+#: Kernel options of a pipeline step. ipykernel by default swaps the kernel's file descriptors
+#: 1 and 2 for pipes, forwards what they carry to the notebook as stream output *and* echoes it
+#: to the original descriptor: a line written to fd 2 (``log_progress``, TensorFlow's C++
+#: logging) then reached the step log twice, once from the kernel's own stderr and once through
+#: papermill's ``stderr_file``. Without that capture fd 2 is the log itself (each line once, and
+#: not in the executed notebook), while ``sys.stderr`` writes (warnings) still come through
+#: papermill.
+STEP_KERNEL_ARGUMENTS = ("--IPKernelApp.capture_fd_output=False",)
+
+
 def _kernel_manager_logging_to(log: Path):
     """A kernel manager whose kernel process writes its own stderr (TensorFlow's C++ start-up
-    lines, ZMQ notices) to the step's log, so the console keeps one line per step and
-    papermill's progress bar."""
+    lines, ZMQ notices, :func:`~wmhqc_lib.nets.training.log_progress`) to the step's log, so
+    the console keeps one line per step and papermill's progress bar."""
     from jupyter_client import AsyncKernelManager
 
     class StepKernelManager(AsyncKernelManager):
@@ -186,7 +196,8 @@ def _execute(cfg: RunConfig, step: Step, fold: int | None) -> None:
                             parameters=step_parameters(cfg, fold), cwd=str(REPO_ROOT),
                             kernel_name="python3", progress_bar=cfg.progress,
                             stdout_file=fh, stderr_file=fh, log_output=False,
-                            kernel_manager_class=_kernel_manager_logging_to(log))
+                            kernel_manager_class=_kernel_manager_logging_to(log),
+                            extra_arguments=list(STEP_KERNEL_ARGUMENTS))
 
 
 def _failure_detail(exc: Exception) -> str:
@@ -426,24 +437,40 @@ def shown_path(path: str | Path, cfg: RunConfig) -> str:
     return f"<outside the repository>/{path.name}"
 
 
-def _hide_machine_paths(notebook: Path, cfg: RunConfig) -> None:
-    """Rewrite the injected-parameters cell of a staged notebook with :func:`shown_path`."""
+#: The comment that opens the injected-parameters cell on a book page, in place of papermill's
+#: ``# Parameters``: the page shows this cell alone, so it says whose values these are.
+RUN_PARAMETERS_HEADING = "# Parameters of this run"
+
+
+def _present_parameters(notebook: Path, cfg: RunConfig) -> None:
+    """Show a staged notebook's parameters as this run set them, and only those.
+
+    papermill keeps the template's ``parameters`` cell (the defaults, ``profile_name =
+    "smoke"``) above the cell it injects, so a page first showed values the run did not use.
+    The template's cell gets Jupyter Book's ``remove-cell`` tag: gone from the page, still in
+    the notebook, which therefore reruns as it is. The injected cell is headed as the run's
+    own and shows paths with :func:`shown_path`.
+    """
     import nbformat
 
     nb = nbformat.read(notebook, as_version=4)
-    changed = False
+    if not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        return  # not run by papermill with parameters: the template's values are the run's
+    paths = sorted({str(cfg.results_dir), str(cfg.data_root), str(Path(cfg.results_dir).resolve()),
+                    str(Path(cfg.data_root).resolve())}, key=len, reverse=True)
     for cell in nb.cells:
-        if "injected-parameters" not in cell.metadata.get("tags", []):
-            continue
-        source = cell.source
-        for path in sorted({str(cfg.results_dir), str(cfg.data_root),
-                            str(Path(cfg.results_dir).resolve()),
-                            str(Path(cfg.data_root).resolve())}, key=len, reverse=True):
-            source = source.replace(path, shown_path(path, cfg))
-        changed |= source != cell.source
-        cell.source = source
-    if changed:
-        nbformat.write(nb, notebook)
+        tags = cell.metadata.get("tags", [])
+        if "parameters" in tags and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+        elif "injected-parameters" in tags:
+            lines = cell.source.split("\n")
+            if lines and lines[0].startswith("#"):  # papermill's "# Parameters"
+                lines = lines[1:]
+            source = "\n".join([RUN_PARAMETERS_HEADING, *lines])
+            for path in paths:
+                source = source.replace(path, shown_path(path, cfg))
+            cell.source = source
+    nbformat.write(nb, notebook)
 
 
 def _ship(source: Path, pattern: str, target: Path) -> None:
@@ -495,7 +522,7 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
                 extra_folds.setdefault(f"notebooks/{step.name}", []).append(
                     f"notebooks/fold{fold}/{step.name}")
     for executed in nb_dst.rglob("*.ipynb"):
-        _hide_machine_paths(executed, cfg)
+        _present_parameters(executed, cfg)
     toc = yaml.safe_load((stage / "_toc.yml").read_text())
     for part in toc.get("parts", [toc]):
         for chapter in part.get("chapters", []):

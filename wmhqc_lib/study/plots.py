@@ -90,6 +90,35 @@ def lesion_load_figure(table: pd.DataFrame, synthetic: bool) -> go.Figure:
     return fig
 
 
+def roundtrip_figure(table: pd.DataFrame, quality_threshold: float, synthetic: bool,
+                     grid: str) -> go.Figure:
+    """Round-trip Dice of every subject's reference (on the grid and back), per site, with the
+    failure threshold: the points left of the line fail whatever the network does."""
+    label = f" ({SYNTHETIC_NOTE})" if synthetic else ""
+    fig = px.strip(table, x="roundtrip_dice", y="site", color="dataset",
+                   hover_data=["subject_id", "lesion_ml"],
+                   labels={"roundtrip_dice": "round-trip Dice of the reference", "site": "site"},
+                   title=f"What the {grid} grid alone costs{label}")
+    fig.add_vline(x=quality_threshold, line_dash="dash", line_color="firebrick",
+                  annotation_text=f"failure threshold {quality_threshold:g}")
+    fig.update_layout(height=420, margin={"t": 60, "b": 40})
+    fig.update_xaxes(range=[0, 1.02])
+    return fig
+
+
+def mark_rate_changes(fig: go.Figure, history: pd.DataFrame) -> None:
+    """A thin dashed line at each epoch whose learning rate is lower than the epoch before
+    (the plateau schedule), so a flattening curve can be read against its schedule."""
+    if "learning_rate" not in history or len(history) < 2:
+        return
+    lr = history["learning_rate"].to_numpy(dtype=float)
+    for epoch, before, after in zip(history["epoch"].iloc[1:], lr[:-1], lr[1:], strict=True):
+        if after < before:
+            fig.add_vline(x=float(epoch) - 0.5, line_dash="dash", line_width=1,
+                          line_color="grey", annotation_text=f"lr {after:.1g}",
+                          annotation_position="bottom right")
+
+
 def learning_curves(history: pd.DataFrame, title: str) -> go.Figure:
     """Training loss and whole-volume validation Dice per epoch, best epoch marked."""
     from plotly.subplots import make_subplots
@@ -104,6 +133,7 @@ def learning_curves(history: pd.DataFrame, title: str) -> go.Figure:
         best = history.loc[history["val_dice"].idxmax()]
         fig.add_vline(x=best["epoch"], line_dash="dot",
                       annotation_text=f"best epoch {int(best['epoch'])}")
+    mark_rate_changes(fig, history)
     fig.update_layout(title=title, height=380, margin={"t": 60})
     fig.update_xaxes(title="epoch")
     fig.update_yaxes(title="loss", secondary_y=False)
@@ -199,6 +229,7 @@ def training_curves(history: pd.DataFrame, score: str, score_label: str, title: 
                            else history[score].idxmin()]
         fig.add_vline(x=best["epoch"], line_dash="dot",
                       annotation_text=f"best epoch {int(best['epoch'])}")
+    mark_rate_changes(fig, history)
     fig.update_layout(title=title, height=380, margin={"t": 60})
     fig.update_xaxes(title="epoch")
     fig.update_yaxes(title="loss", secondary_y=False)

@@ -17,11 +17,33 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..data import cohort
 from ..qc import evaluation as ev
 
 # The paper's Figure 3 panels, in order, with the score each shows.
 FIGURE3_PANELS = (("a", "uncertainty_vs"), ("b", "error_vs"), ("c", "dr_image"),
                   ("d", "dr_uncertainty"), ("e", "dr_error"))
+
+#: What a row of the ranking is: a QC method, a baseline it must beat, or a reference line that
+#: reads the annotation (never a method, never in :func:`winners` or :func:`choose_score`).
+ROLE_QC, ROLE_BASELINE, ROLE_REFERENCE = ("QC method", "baseline",
+                                          "reference (reads the annotation)")
+
+#: The failure rate of the case's site among its fold's validation cases (:func:`add_site_score`):
+#: higher rate, more likely failed. A baseline: it needs no annotation of the case itself.
+SITE_SCORE = ev.QCScore("site_failure_rate", "site_failure_rate",
+                        "site's failure rate on validation cases (baseline)", False,
+                        baseline=True)
+#: The baseline every score is set against in :func:`added_value_table`.
+VOLUME_BASELINE = "pred_lesion_ml"
+THIRDS = ("lower third", "middle third", "upper third")
+
+
+def score_role(spec: ev.QCScore) -> str:
+    """:data:`ROLE_REFERENCE`, :data:`ROLE_BASELINE` or :data:`ROLE_QC` for this score."""
+    if spec.reads_annotation:
+        return ROLE_REFERENCE
+    return ROLE_BASELINE if spec.baseline else ROLE_QC
 
 
 def load_all_cases(results_dir: str | Path, folds: Sequence[int] | None = None) -> pd.DataFrame:
@@ -63,7 +85,8 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
                   seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
                   dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
     """Threshold-free ranking metrics on all test rows pooled over folds, with bootstrap 95 %
-    intervals (over cases) for :data:`~wmhqc_lib.qc.evaluation.BOOTSTRAP_METRICS`."""
+    intervals (over cases) for :data:`~wmhqc_lib.qc.evaluation.BOOTSTRAP_METRICS`. ``role``
+    says whether a row is a QC method, a baseline or a reference line (:func:`score_role`)."""
     test = ev.scored_rows(cases)
     rows = []
     for spec in scores:
@@ -75,7 +98,8 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
                                       quality_threshold=quality_threshold,
                                       dice_column=dice_column)
         sign = 1.0 if spec.higher_is_better else -1.0
-        row = {"score": spec.label, "failure_auroc": metrics["failure_auroc"],
+        row = {"score": spec.label, "role": score_role(spec),
+               "failure_auroc": metrics["failure_auroc"],
                "aurc": metrics["aurc"], "eaurc": metrics["eaurc"],
                "norm_aurc": metrics["norm_aurc"],
                "spearman_r": metrics["spearman_r"], "pearson_r": metrics["pearson_r"],
@@ -88,21 +112,27 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
     return pd.DataFrame(rows).set_index("score")
 
 
+def _with_interval(value: float | None, low: float | None, high: float | None) -> str:
+    """``0.812 [0.700, 0.900]``; the value alone without a finite interval; n/a without one."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
     """:func:`ranking_table` for reading: each metric with its interval in one column, so the
     table fits the page (the numeric table stays available as CSV)."""
-    def cell(row: pd.Series, metric: str) -> str:
-        low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
-        if row[metric] is None or not np.isfinite(row[metric]):
-            return "n/a"
-        if low is None or not (np.isfinite(low) and np.isfinite(high)):
-            return f"{row[metric]:.3f}"
-        return f"{row[metric]:.3f} [{low:.3f}, {high:.3f}]"
-
     shown = {"failure AUROC": "failure_auroc", "AURC": "aurc", "e-AURC": "eaurc",
              "normalised AURC": "norm_aurc", "Pearson r": "pearson_r"}
-    return pd.DataFrame({label: [cell(row, m) for _, row in ranking.iterrows()]
-                         for label, m in shown.items()}, index=ranking.index)
+    out = pd.DataFrame({label: [_with_interval(row[m], row.get(f"{m}_low"),
+                                               row.get(f"{m}_high"))
+                                for _, row in ranking.iterrows()]
+                        for label, m in shown.items()}, index=ranking.index)
+    if "role" in ranking:
+        out.insert(0, "role", ranking["role"])
+    return out
 
 
 def table1_at_a_glance(ours: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
@@ -134,16 +164,18 @@ def choose_score(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
 
     Rule, the same for every score: pool the validation rows (``split == "val"``) of all folds
     and take the lowest AURC there. Baselines are not eligible (they are what a method must
-    beat); equal AURCs go to the score listed first in ``scores``. Only validation rows are
+    beat), nor are reference lines that read the annotation (no method could have them); equal
+    AURCs go to the score listed first in ``scores``. Only validation rows are
     read, so nothing about the test rows, garbage included, can change the choice. Returns the
     chosen spec and a table of each candidate's validation AURC, e-AURC and normalised AURC.
     """
     if "split" not in cases.columns:
         raise ValueError("choosing a score needs a 'split' column with val rows")
     val = cases[cases["split"].astype(str) == "val"]
-    candidates = [s for s in scores if not s.baseline]
+    candidates = [s for s in scores if not (s.baseline or s.reads_annotation)]
     if not candidates:
-        raise ValueError("no eligible score: every score given is a baseline")
+        raise ValueError("no eligible score: every score given is a baseline or a reference "
+                         "line that reads the annotation")
     rows = []
     for position, spec in enumerate(candidates):
         # the threshold does not enter AURC, e-AURC or normalised AURC
@@ -180,7 +212,11 @@ def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     the pick's, and the verdict says "tie" when any does: a point estimate alone would crown a
     winner the cases cannot tell apart. In the Table 1 form (means over folds, no interval):
     highest recall and precision, highest median Dice after filtering, fewest cases reviewed.
+    Reference lines (``role`` :data:`ROLE_REFERENCE`) are left out: they read the annotation, so
+    they are no method that could win, and they neither win nor tie.
     """
+    if "role" in ranking:
+        ranking = ranking[ranking["role"] != ROLE_REFERENCE]
     picks = []
     for metric, best in (("aurc", "min"), ("eaurc", "min"), ("norm_aurc", "max"),
                          ("failure_auroc", "max"), ("spearman_oriented", "max")):
@@ -256,6 +292,230 @@ def dice_grid_note(grid: pd.DataFrame) -> str:
     if "empty reference" in grid:
         text += f" {int(grid['empty reference'].sum())} test case(s) have an empty reference."
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# What a reviewer asks next: how many failed, what lesion load and site alone explain
+
+
+def _test_dice(cases: pd.DataFrame, dice_column: str, quality_threshold: float
+               ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test rows (checked) and which of them failed."""
+    test = ev.check_cases(ev.scored_rows(cases), [dice_column], dice_column=dice_column)
+    return test, test[dice_column].to_numpy(dtype=float) < quality_threshold
+
+
+def failure_prevalence(cases: pd.DataFrame, *, quality_threshold: float = ev.QUALITY_THRESHOLD,
+                       dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Per fold and pooled over folds, on test rows: cases, failed cases, prevalence.
+
+    Read next to Table 1: precision, recall and Dice after filtering mean little without it (a
+    flagger that flags at random has precision equal to the prevalence).
+    """
+    test, failed = _test_dice(cases, dice_column, quality_threshold)
+    fold = test["fold"].to_numpy() if "fold" in test else np.full(len(test), "all")
+    frame = pd.DataFrame({"fold": fold, "failed": failed})
+    out = frame.groupby("fold")["failed"].agg(n_cases="size", n_failed="sum")
+    if "fold" in test:
+        out.loc["pooled"] = [len(frame), int(failed.sum())]
+    out = out.astype(int)
+    out["prevalence"] = out["n_failed"] / out["n_cases"]
+    out.index.name = "fold"
+    return out
+
+
+def add_site_score(cases: pd.DataFrame, *, quality_threshold: float = ev.QUALITY_THRESHOLD,
+                   dice_column: str = ev.DICE_COLUMN,
+                   column: str = SITE_SCORE.column) -> pd.DataFrame:
+    """A copy with each test row's site failure rate (:data:`SITE_SCORE`), made without test rows.
+
+    Per fold, the rate is the share of that fold's **validation** rows from the case's site whose
+    Dice is below the quality threshold; a site with no validation row in the fold gets the
+    fold's validation failure rate over all sites. Validation rather than training rows: the
+    segmentation network was fitted to its training rows, so their Dice flatters it, while
+    validation rows are held out from fitting and fail as new cases do. Test rows are never
+    read, so the score could be known before any test case is segmented. Other rows get NaN:
+    on a validation row the rate would include that row's own Dice.
+    """
+    out = cases.copy()
+    out[column] = np.nan
+    split = cases["split"].astype(str)
+    for _, part in cases.groupby("fold"):
+        val = part[split.loc[part.index] == "val"]
+        failed = pd.to_numeric(val[dice_column], errors="coerce") < quality_threshold
+        pooled = float(failed.mean()) if len(val) else np.nan
+        by_site = failed.groupby(val["site"]).mean()
+        test = part.index[split.loc[part.index] == "test"]
+        out.loc[test, column] = cases.loc[test, "site"].map(by_site).fillna(pooled).astype(float)
+    return out
+
+
+def add_roundtrip_dice(cases: pd.DataFrame, results_dir: str | Path) -> pd.DataFrame:
+    """A copy with ``roundtrip_dice`` joined from the data step's preprocessing table, per
+    subject (the grid's cost does not depend on the fold); unchanged when the table has no such
+    column (older runs) or the cases already hold it."""
+    if "roundtrip_dice" in cases:
+        return cases
+    _, prep, _ = cohort.load(results_dir)
+    if "roundtrip_dice" not in prep:
+        return cases
+    per_subject = prep[["subject_id", "roundtrip_dice"]].drop_duplicates("subject_id")
+    out = cases.merge(per_subject, on="subject_id", how="left", validate="many_to_one")
+    out.attrs.update(cases.attrs)
+    return out
+
+
+def reference_lines(cases: pd.DataFrame, results_dir: str | Path | None = None, *,
+                    quality_threshold: float = ev.QUALITY_THRESHOLD,
+                    dice_column: str = ev.DICE_COLUMN
+                    ) -> tuple[pd.DataFrame, list[ev.QCScore]]:
+    """The cases with the site score (and round-trip Dice from ``results_dir``) added, and the
+    extra ranking rows whose column is filled on every test row: the site baseline, then the
+    reference lines that read the annotation (true lesion volume, round-trip Dice). Pass them to
+    :func:`ranking_table` beside the QC scores, never to :func:`compare` or
+    :func:`choose_score`: the predicted lesion volume is already among the baselines."""
+    if results_dir is not None:
+        cases = add_roundtrip_dice(cases, results_dir)
+    if {"site", "fold", "split"} <= set(cases.columns):
+        cases = add_site_score(cases, quality_threshold=quality_threshold,
+                               dice_column=dice_column)
+    test = ev.scored_rows(cases)
+    specs = [spec for spec in (SITE_SCORE, *ev.REFERENCE_SCORES)
+             if spec.column in test and pd.to_numeric(test[spec.column], errors="coerce")
+             .notna().all()]
+    return cases, specs
+
+
+def volume_thirds(cases: pd.DataFrame, *, column: str = "true_lesion_ml",
+                  dice_column: str = ev.DICE_COLUMN) -> pd.Series:
+    """Which third of lesion volume each test row is in (index: the test rows' index).
+
+    Tertiles of the pooled test rows' ``column``: lower up to the 1/3 quantile, middle up to the
+    2/3 quantile, upper above it. Many equal volumes (empty references) can make thirds unequal;
+    :func:`third_counts` shows the sizes.
+    """
+    test = ev.check_cases(ev.scored_rows(cases), [column, dice_column], dice_column=dice_column)
+    volume = test[column].to_numpy(dtype=float)
+    q1, q2 = np.quantile(volume, [1 / 3, 2 / 3])
+    third = np.where(volume <= q1, 0, np.where(volume <= q2, 1, 2))
+    return pd.Series(pd.Categorical.from_codes(third, THIRDS), index=test.index,
+                     name="volume third")
+
+
+def third_counts(cases: pd.DataFrame, *, column: str = "true_lesion_ml",
+                 quality_threshold: float = ev.QUALITY_THRESHOLD,
+                 dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Per third of true lesion volume (:func:`volume_thirds`): its volume range, test cases,
+    failed cases and prevalence."""
+    third = volume_thirds(cases, column=column, dice_column=dice_column)
+    test, failed = _test_dice(cases, dice_column, quality_threshold)
+    volume = pd.to_numeric(test[column])
+    frame = pd.DataFrame({"third": third, "volume": volume, "failed": failed})
+    out = frame.groupby("third", observed=False).agg(
+        min_ml=("volume", "min"), max_ml=("volume", "max"), n_cases=("volume", "size"),
+        n_failed=("failed", "sum"))
+    out["n_failed"] = out["n_failed"].astype(int)
+    out["prevalence"] = out["n_failed"] / out["n_cases"].where(out["n_cases"] > 0)
+    return out
+
+
+def auroc_by_volume_third(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
+                          column: str = "true_lesion_ml",
+                          quality_threshold: float = ev.QUALITY_THRESHOLD,
+                          dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Each score's failure AUROC within each third of true lesion volume (test rows pooled).
+
+    Lesion load drives both Dice and most scores, so a pooled AUROC can come from telling small
+    lesions from large ones alone; within a third that is mostly taken away. NaN where a third
+    has no failure or no success (nothing to separate). Rows: score labels, with ``role``.
+    """
+    third = volume_thirds(cases, column=column, dice_column=dice_column)
+    test = ev.scored_rows(cases).loc[third.index]
+    rows = {}
+    for spec in scores:
+        row: dict[str, object] = {"role": score_role(spec)}
+        for name in THIRDS:
+            row[name] = ev.failure_auroc(test[third == name], spec,
+                                         quality_threshold=quality_threshold,
+                                         dice_column=dice_column)
+        rows[spec.label] = row
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "score"
+    return out
+
+
+def thirds_note(counts: pd.DataFrame) -> str:
+    """One computed sentence naming the thirds where AUROC is undefined, and why."""
+    undefined = []
+    for name, row in counts.iterrows():
+        if row["n_failed"] in (0, row["n_cases"]):
+            what = "no test case" if row["n_cases"] == 0 else (
+                f"all {int(row['n_cases'])} test cases failed" if row["n_failed"]
+                else f"none of {int(row['n_cases'])} test cases failed")
+            undefined.append(f"in the {name} {what}")
+    if not undefined:
+        return "Every third holds failed and successful test cases, so every AUROC is defined."
+    return ("AUROC is undefined (NaN) where a third holds one class only: "
+            + "; ".join(undefined) + ".")
+
+
+def added_value_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
+                      against: str | ev.QCScore = VOLUME_BASELINE, n_boot: int = 1000,
+                      seed: int = 0, level: float = 0.95,
+                      quality_threshold: float = ev.QUALITY_THRESHOLD,
+                      dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Does each score add anything beyond the predicted lesion volume? Test rows pooled.
+
+    Per score, :func:`~wmhqc_lib.qc.evaluation.paired_bootstrap_delta` against ``against``:
+    score minus predicted volume in failure AUROC (positive = better) and in AURC (negative =
+    better), with paired, failure-stratified bootstrap intervals; every score sees the same
+    resamples (one ``seed``). ``verdict`` reads both intervals: better or worse where an
+    interval excludes 0, "no difference shown" where it spans 0, undefined for an AUROC when
+    every case failed or none did.
+    """
+    base = ev.resolve_score(against)
+    test = ev.scored_rows(cases)
+    rows = {}
+    for spec in scores:
+        if spec.column == base.column:
+            continue
+        delta = ev.paired_bootstrap_delta(test, spec, base, n_boot=n_boot, seed=seed,
+                                          level=level, quality_threshold=quality_threshold,
+                                          dice_column=dice_column)
+        row: dict[str, object] = {"role": score_role(spec)}
+        verdicts = []
+        for metric, label in (("failure_auroc", "AUROC"), ("aurc", "AURC")):
+            d = delta.loc[metric]
+            row[f"delta_{metric}"] = d["delta"]
+            row[f"delta_{metric}_low"] = d["low"]
+            row[f"delta_{metric}_high"] = d["high"]
+            sign = 1.0 if ev.DELTA_METRICS[metric] == "higher" else -1.0
+            if not np.isfinite(d["delta"]):
+                verdicts.append(f"{label}: undefined (one class only)")
+            elif sign * d["low"] > 0 and sign * d["high"] > 0:
+                verdicts.append(f"{label}: better")
+            elif sign * d["low"] < 0 and sign * d["high"] < 0:
+                verdicts.append(f"{label}: worse")
+            else:
+                verdicts.append(f"{label}: no difference shown")
+        row["verdict"] = "; ".join(verdicts)
+        rows[spec.label] = row
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = f"score minus {base.label}"
+    return out
+
+
+def added_value_display(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`added_value_table` for reading: each delta with its interval in one column."""
+    out = pd.DataFrame(index=table.index)
+    out["role"] = table["role"]
+    for metric, label in (("failure_auroc", "Δ failure AUROC (> 0: better)"),
+                          ("aurc", "Δ AURC (< 0: better)")):
+        out[label] = [_with_interval(row[f"delta_{metric}"], row[f"delta_{metric}_low"],
+                                     row[f"delta_{metric}_high"])
+                      for _, row in table.iterrows()]
+    out["verdict"] = table["verdict"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +644,11 @@ def per_fold_figure(evaluations: dict[str, ev.FoldEvaluation], metric: str,
 #: The evaluation chapter's numbers, written as CSV beside the results (``evaluation/``) and
 #: shipped with the book (``_static/tables``), so a reader can download what a figure shows.
 TABLE_FILES = {"cases": "cases_all_folds.csv", "table1_ours": "table1_ours.csv",
-               "table1_paper": "table1_paper.csv", "ranking": "ranking_test_pooled.csv"}
+               "table1_paper": "table1_paper.csv", "ranking": "ranking_test_pooled.csv",
+               "prevalence": "failure_prevalence.csv",
+               "volume_third_counts": "volume_thirds.csv",
+               "volume_thirds": "auroc_by_volume_third.csv",
+               "added_value": "delta_vs_predicted_volume.csv"}
 
 
 def write_tables(results_dir: str | Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
@@ -414,6 +678,10 @@ def write_tables(results_dir: str | Path, tables: dict[str, pd.DataFrame]) -> di
 def table_links(paths: dict[str, Path], prefix: str = "../_static/tables/") -> str:
     """Markdown links to the book's copies of :func:`write_tables`' files."""
     labels = {"cases": "per-case table of all folds", "table1_ours": "Table 1, ours",
-              "table1_paper": "Table 1, the paper's", "ranking": "ranking with intervals"}
+              "table1_paper": "Table 1, the paper's", "ranking": "ranking with intervals",
+              "prevalence": "failure prevalence",
+              "volume_third_counts": "thirds of lesion volume",
+              "volume_thirds": "AUROC within thirds of lesion volume",
+              "added_value": "difference from predicted lesion volume"}
     return "Download: " + ", ".join(f"[{labels[k]} (CSV)]({prefix}{p.name})"
                                     for k, p in paths.items())

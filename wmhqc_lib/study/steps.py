@@ -129,8 +129,9 @@ def voxel_ml(profile: Profile) -> float:
 
 
 def train_mc_unet(profile: Profile, results_dir: str | Path, fold: int,
-                  seed: int | None = None, progress: bool = True):
-    """Train (or resume, or reuse) the fold's MC-dropout U-net; returns a TrainResult."""
+                  seed: int | None = None, progress: bool = True, epoch_end=None):
+    """Train (or resume, or reuse) the fold's MC-dropout U-net; returns a TrainResult.
+    ``epoch_end(epoch)`` runs after each epoch's checkpoints (see ``fit_model``)."""
     from ..nets.models import UNetConfig, build_mc_unet
     from ..nets.training import fit_segmenter
 
@@ -141,7 +142,7 @@ def train_mc_unet(profile: Profile, results_dir: str | Path, fold: int,
     seed = profile.seed + fold if seed is None else seed
     return fit_segmenter(lambda: build_mc_unet(None, cfg), data.cases["train"],
                          data.cases["val"], FoldPaths.under(results_dir, fold).mc_unet,
-                         section, seed, progress=progress)
+                         section, seed, progress=progress, epoch_end=epoch_end)
 
 
 def _check_divisible(profile: Profile, divisor: int, patch) -> None:
@@ -364,7 +365,8 @@ class DiceRegressionResult:
     n_pairs: dict  # variant -> number of training pairs
 
     def summary(self) -> pd.DataFrame:
-        """One row per model: training pairs, epochs, best epoch and validation loss, time."""
+        """One row per model: training pairs, epochs, best epoch and validation loss, whether
+        early stopping or the epoch cap ended it, learning-rate changes, time."""
         from ..qc.regression import INPUT_LABELS
 
         return pd.DataFrame([{
@@ -372,6 +374,9 @@ class DiceRegressionResult:
             "training pairs": self.n_pairs[variant], "epochs": r.state.get("epochs_run"),
             "best epoch": r.state.get("best_epoch"),
             "best val Huber": r.state.get("best_val_huber"),
+            "stopped by": "early stopping" if r.state.get("stopped_early") else "epoch cap",
+            "rate changes": int((np.diff(r.history["learning_rate"].to_numpy(float)) < 0).sum())
+            if "learning_rate" in r.history else 0,
             "training s": round(float(r.history["seconds"].sum()), 1),
             "reused": r.skipped} for (variant, kind), r in self.models.items()])
 
