@@ -13,9 +13,13 @@ Two parts, both on the cohort of a finished data step (``results/<profile>/data`
            checkpoint is what a run with the smaller cap would have kept). Each budget's
            checkpoint then runs MC inference on the fold's test cases: median native lesion
            Dice, failure prevalence, and minutes (training up to that budget plus inference).
+           Validation cases are scored the same way: a choice between settings reads the
+           validation columns, the test columns only report what it gave.
 
     .venv/bin/python benchmarks/regime_sweep.py grid --grids 3.0:56x64x56 2.5:64x80x64
     .venv/bin/python benchmarks/regime_sweep.py train --grids 2.5:64x80x64 --caps 30 60 120
+    .venv/bin/python benchmarks/regime_sweep.py train --grids 2.5:56x72x64 --caps 120 \
+        --set patch=[32,32,32] --set steps_per_epoch=20 --tag patch32
 
 Tables are printed as Markdown and written under ``results/sweep/`` (git-ignored).
 """
@@ -46,6 +50,16 @@ def parse_grid(spec: str) -> tuple[tuple[float, float, float], tuple[int, int, i
     if len(v) != 3 or len(s) != 3:
         raise SystemExit(f"grid {spec!r}: use MM:XxYxZ or MMxMMxMM:XxYxZ")
     return (v[0], v[1], v[2]), (s[0], s[1], s[2])
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """``key=value`` with a YAML value (numbers, lists) for an mc_unet override."""
+    import yaml
+
+    key, _, value = text.partition("=")
+    if not key or not value:
+        raise SystemExit(f"--set {text!r}: use KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
 
 
 def grid_tag(vox, shape) -> str:
@@ -125,11 +139,10 @@ def cmd_train(args) -> None:
     rows = []
     for spec in args.grids:
         vox, shape = parse_grid(spec)
-        out = args.out / grid_tag(vox, shape)
+        out = args.out / (grid_tag(vox, shape) + (f"_{args.tag}" if args.tag else ""))
         profile = with_grid(base, vox, shape)
-        section = {**profile.sections["mc_unet"], "epochs": caps[-1]}
-        if args.patience:
-            section["patience"] = args.patience
+        section = {**profile.sections["mc_unet"], "epochs": caps[-1],
+                   **dict(parse_setting(x) for x in args.set)}
         profile = dataclasses.replace(profile, sections={**profile.sections,
                                                          "mc_unet": section})
         prep = prepare_grid(profile, args.source, out)
@@ -152,24 +165,31 @@ def cmd_train(args) -> None:
             ran = history[history["epoch"] <= cap]
             best = ran.loc[ran["val_dice"].idxmax()]
             start = time.perf_counter()
-            dices = []
-            for case in data.cases["test"]:
-                reseed(model, case_seed("sweep", cap, case.subject_id))
-                maps = uncertainty_maps(mc_samples(model, case.image,
-                                                   int(section["mc_samples"]),
-                                                   int(section["mc_batch"])))
-                dices.append(preprocess.native_dice(
-                    maps.mean, case, preprocess.load_native_reference(cache, case.subject_id)))
+            dices: dict[str, list[float]] = {"val": [], "test": []}
+            for split, values in dices.items():
+                for case in data.cases[split]:
+                    reseed(model, case_seed("sweep", cap, case.subject_id))
+                    maps = uncertainty_maps(mc_samples(model, case.image,
+                                                       int(section["mc_samples"]),
+                                                       int(section["mc_batch"])))
+                    values.append(preprocess.native_dice(
+                        maps.mean, case, preprocess.load_native_reference(cache,
+                                                                          case.subject_id)))
+            n_cases = sum(len(v) for v in dices.values())
             infer_s = time.perf_counter() - start
-            d = np.asarray(dices)
+            v, d = np.asarray(dices["val"]), np.asarray(dices["test"])
             share = len(ran) / max(len(history), 1)
             rows.append({
-                "grid": spec, "epoch cap": cap, "epochs run": int(ran["epoch"].max()),
+                "grid": spec, "settings": " ".join(args.set) or "profile", "epoch cap": cap,
+                "epochs run": int(ran["epoch"].max()),
                 "stopped early": bool(len(ran) < cap),
                 "best epoch": int(best["epoch"]), "best val Dice": round(float(best["val_dice"]),
                                                                          3),
                 "training min": round(train_s * share / 60.0, 1),
-                "MC-20 s per case": round(infer_s / len(d), 2),
+                "MC-20 s per case": round(infer_s / n_cases, 2),
+                # the choice between settings reads this column: validation rows, not test
+                "val median native Dice": round(float(np.median(v)), 3),
+                "val failed": f"{int((v < args.quality).sum())}/{len(v)}",
                 "test median native Dice": round(float(np.median(d)), 3),
                 "test failed": f"{int((d < args.quality).sum())}/{len(d)}",
                 "prevalence": round(float((d < args.quality).mean()), 2),
@@ -177,7 +197,8 @@ def cmd_train(args) -> None:
             print(pd.DataFrame(rows[-1:]).to_markdown(index=False), flush=True)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"train_fold{args.fold}_" + "_".join(grid_tag(*parse_grid(g)) for g in args.grids)
+    name = (f"train_fold{args.fold}_" + "_".join(grid_tag(*parse_grid(g)) for g in args.grids)
+            + (f"_{args.tag}" if args.tag else ""))
     table.to_csv(args.out / f"{name}.csv", index=False)
     (args.out / f"{name}.json").write_text(json.dumps({"caps": caps, "fold": args.fold}))
     print(table.to_markdown(index=False))
@@ -197,7 +218,10 @@ def main() -> None:
         if name == "train":
             p.add_argument("--fold", type=int, default=1)
             p.add_argument("--caps", type=int, nargs="+", default=[30, 60, 120])
-            p.add_argument("--patience", type=int, default=None)
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override an mc_unet setting (YAML value), e.g. patience=12 "
+                                "or patch=[32,32,32]; repeatable")
+            p.add_argument("--tag", default="", help="suffix of the run folder and table")
     args = parser.parse_args()
     {"grid": cmd_grid, "train": cmd_train}[args.cmd](args)
 

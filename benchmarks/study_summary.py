@@ -92,6 +92,55 @@ def main() -> None:
     columns = ["auroc_95", "aurc_95", "eaurc"] + \
         [c for c in ("norm_aurc",) if c in ranking]
     print("\n" + ranking.sort_values("aurc")[columns].round(3).to_markdown())
+    print_chosen(cases, scores, settings, q)
+    print_triage(args.results, q)
+
+
+def print_chosen(cases: pd.DataFrame, scores, settings: dict, q: float) -> None:
+    """The score the evaluation chapter carries (chosen on pooled validation rows) and its
+    pooled test figures at each fold's validation-chosen threshold."""
+    spec, choice = report.choose_score(cases, scores)
+    honest = report.compare(cases, [spec], select=str(settings["select"]),
+                            quality_threshold=q)[spec.name]
+    pooled = honest.pooled
+    test = cases[cases["split"] == "test"]
+    print(f"\nChosen on pooled validation rows: **{spec.label}** (validation AURC "
+          f"{choice.loc[spec.label, 'aurc_val']:.3f}; next "
+          + ", ".join(f"{name} {row['aurc_val']:.3f}" for name, row in
+                      choice.iloc[1:3].iterrows())
+          + f"). Pooled test rows at the validation-chosen thresholds (rule "
+          f"`{settings['select']}`): review fraction {pooled.get('review_fraction', np.nan):.3f}, "
+          f"recall {pooled.get('recall', np.nan):.3f}, precision "
+          f"{pooled.get('precision', np.nan):.3f} at prevalence "
+          f"{float((test['true_dice'] < q).mean()):.3f}.")
+
+
+def print_triage(results: str, q: float) -> None:
+    """Chapter 07's new scans: how many were flagged, and how many of those failed."""
+    from pathlib import Path
+
+    from wmhqc_lib.deploy import triage
+
+    work = Path(results) / "triage"
+    if not (work / "output").exists():
+        return
+    table = triage.group_table(work / "output")
+    flagged = table["flagged"].eq(True)
+    line = f"\nTriage of {len(table)} new scans: {int(flagged.sum())} flagged"
+    truth_table = work / "truth" / "new_scans.csv"  # written by synth.generate_new_scans
+    if truth_table.exists():
+        truth = pd.read_csv(truth_table)
+        scored, _ = triage.score_against_truth(work / "output", truth[["participant_id",
+                                                                      "truth"]], q)
+        failed = scored["failed"]
+        hit = scored["flagged"].eq(True) & failed
+        line += (f"; {int(failed.sum())} of {len(scored)} scored scans failed (lesion Dice "
+                 f"< {q}), {int(hit.sum())} of them flagged; flagged by kind: "
+                 + ", ".join(f"{kind} {int(g['flagged'].eq(True).sum())}/{len(g)}"
+                             for kind, g in scored.merge(truth[["participant_id", "kind"]],
+                                                         on="participant_id")
+                             .groupby("kind")))
+    print(line + ".")
 
 
 if __name__ == "__main__":
