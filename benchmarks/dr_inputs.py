@@ -27,7 +27,7 @@ import pandas as pd
 from wmhqc_lib.config import load_profile
 from wmhqc_lib.qc import evaluation as ev
 from wmhqc_lib.qc import regression as rg
-from wmhqc_lib.study import report, steps
+from wmhqc_lib.study import regression_step, report, steps
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     minutes = {}
     for fold in folds:
         start = time.perf_counter()
-        steps.train_dice_regressors(profile, work, fold, progress=False)
+        regression_step.train_dice_regressors(profile, work, fold, progress=False)
         oof = json.loads((steps.FoldPaths.under(work, fold).root / "oof" / "timing.json")
                          .read_text())["seconds"] / 60
         minutes[fold] = {"out_of_fold networks and maps (min)": round(oof, 1),

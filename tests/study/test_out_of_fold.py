@@ -23,7 +23,7 @@ def oof_run(smoke_run, tmp_path_factory):
     import dataclasses
     import shutil
 
-    from wmhqc_lib.study import steps
+    from wmhqc_lib.study import regression_step
 
     _, results = smoke_run
     work = tmp_path_factory.mktemp("oof") / "results"
@@ -37,7 +37,7 @@ def oof_run(smoke_run, tmp_path_factory):
     for net in ("mc_unet", "rec_unet"):
         sections[net].update(epochs=1, encoder_filters=[8, 16], heads=2)
     profile = dataclasses.replace(smoke, sections=sections)
-    steps.train_dice_regressors(profile, work, 1, progress=False)
+    regression_step.train_dice_regressors(profile, work, 1, progress=False)
     return profile, work
 
 
