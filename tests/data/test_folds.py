@@ -312,3 +312,21 @@ def test_inner_folds_cover_the_training_subjects_once_balanced_and_seeded(paper,
     assert inner != inner_folds(table, 3, seed=5, load_column="lesion_ml")
     with pytest.raises(ValueError, match="inner folds"):
         inner_folds(table.head(2), 3, load_column="lesion_ml")
+
+
+def test_holdout_keeps_sites_in_share_and_never_empties_the_fit():
+    from wmhqc_lib.data.folds import holdout
+
+    ids = [f"{site}_{i}" for site in "ABCD" for i in range(17)]  # 68, as in a paper fold
+    fit, stop = holdout(ids, 0.15)
+    assert len(stop) == 10 and len(fit) == 58
+    assert set(fit).isdisjoint(stop) and sorted(fit + stop) == sorted(ids)
+    per_site = {s: sum(x.startswith(s) for x in stop) for s in "ABCD"}
+    assert max(per_site.values()) - min(per_site.values()) <= 1  # evenly spaced over sites
+    assert holdout(ids, 0.15) == (fit, stop)  # deterministic
+    assert holdout(list("abcde"), 0.15)[1] == ["c"]  # at least one held out
+    assert len(holdout(list("abc"), 0.9)[0]) == 2  # at least two left to fit
+    assert holdout(list("ab"), 0.5) == (["a", "b"], [])
+    assert holdout(ids, 0.0) == (ids, [])
+    with pytest.raises(ValueError, match="holdout fraction"):
+        holdout(ids, 1.0)

@@ -87,7 +87,7 @@ def test_widened_masks_and_their_own_dice(tmp_path):
     rec = build_rec_unet(None, UNetConfig(base_filters=4, encoder_filters=(8, 16, 32)))
     settings = {"thresholds": [0.25, 0.75], "dilate": 1, "erode": 0}
     cache = tmp_path / "a.npz"
-    extra = rg.widened_pairs(rec, c, lambda m: dice(m, lesion), settings, cache, "t")
+    extra = rg.widened_pairs(rec, c, lambda v: dice(v > 0.5, lesion), settings, cache, "t")
     assert extra["names"] == ["threshold_0.25", "threshold_0.75", "dilate_1"]
     for name, mask, d in zip(extra["names"], extra["masks"], extra["dice"], strict=True):
         assert d == pytest.approx(dice(mask, lesion)), name
@@ -96,6 +96,27 @@ def test_widened_masks_and_their_own_dice(tmp_path):
     # read back from the cache: no model needed
     again = rg.widened_pairs(None, c, lambda m: 1 / 0, settings, cache, "t")  # no rescoring
     assert np.allclose(again["error"], extra["error"], rtol=1e-2, atol=1e-3)
+
+
+def test_every_target_maps_back_the_volume_its_mask_was_cut_from():
+    """One rule for main and widened targets: the mask at level t is scored as the MC mean cut
+    at t after mapping back, not as a 0/1 mask mapped back (which blurs differently)."""
+    from wmhqc_lib.data.preprocess import map_to_native
+
+    c = case_inputs("a", 0)
+    meta = {"affine": np.diag([2.0, 2.0, 2.0, 1.0]), "native_affine": np.diag([1.3, 1.3, 1.3, 1]),
+            "native_shape": [int(n * 2 / 1.3) for n in SHAPE]}
+    for t in (0.2, 0.8):
+        mask = c.mean > t
+        volume = rg.target_volume(f"threshold_{t:g}", mask, c.mean)
+        assert np.array_equal(volume > 0.5, mask)
+        mapped = np.asarray(map_to_native(volume, meta).dataobj) > 0.5
+        mean_cut = np.asarray(map_to_native(c.mean, meta).dataobj) > t
+        assert (mapped != mean_cut).mean() < 1e-3  # the same mask on the native grid
+        binary = np.asarray(map_to_native(mask.astype(np.float32), meta).dataobj) > 0.5
+        assert (binary != mean_cut).sum() > (mapped != mean_cut).sum()
+    dilated = rg.widened_masks(c.mean, c.prediction, dilate=1)["dilate_1"]
+    assert np.array_equal(rg.target_volume("dilate_1", dilated, c.mean), dilated)
 
 
 def _regression_sets(n_train=24, n_val=8):

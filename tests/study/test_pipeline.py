@@ -153,3 +153,24 @@ def test_training_chapters_show_a_summary_and_the_log_keeps_the_epochs(smoke_run
         assert not re.search(r"epoch \d+: loss", page), chapter
     log = (results / "logs" / "02_mc_unet-fold1.log").read_text()
     assert re.search(r"epoch 1: loss", log)
+
+
+def test_dice_regressors_stop_on_held_out_training_cases_never_on_validation(smoke_run):
+    """Validation cases choose the carried score and its thresholds (issue 23): no regressor
+    may have fitted or stopped on one. Each regressor's state names the cases it fitted and
+    the ones that stopped it; both come from the fold's training cases only, disjointly."""
+    _, results = smoke_run
+    from wmhqc_lib.study.steps import fold_subjects
+
+    states = sorted(Path(results).glob("fold*/dr/*/*/state.json"))
+    assert states, "the smoke run trained no Dice regressor"
+    for path in states:
+        fold = int(path.parts[-5].removeprefix("fold"))
+        split = fold_subjects(results, fold)
+        key = json.loads(json.loads(path.read_text())["key"])
+        fitted = {name.split(":")[0] for name in key["train"]}
+        stopped = set(key["val"])
+        assert stopped, f"{path}: stopped on no case"
+        assert {split[s] for s in fitted} == {"train"}, path
+        assert {split[s] for s in stopped} == {"train"}, path
+        assert fitted.isdisjoint(stopped), path

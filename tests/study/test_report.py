@@ -327,3 +327,94 @@ def test_added_value_against_predicted_volume():
     assert shown.loc[copy.label, "Δ failure AUROC (> 0: better)"] == "0.000 [0.000, 0.000]"
     all_failed = report.added_value_table(cases, scores, n_boot=50, quality_threshold=0.95)
     assert all_failed.loc[scores[0].label, "verdict"].startswith("AUROC: undefined")
+
+
+def _paired_cases(n: int = 400, seed: int = 3) -> pd.DataFrame:
+    """One fold, val and test rows; ``pairwise_dice`` tracks Dice, ``dr_error`` is the same
+    score with a little extra noise: worse on every resample, although the two scores' own
+    intervals overlap widely (they share which cases are hard)."""
+    rng = np.random.default_rng(seed)
+    dice = rng.uniform(0.0, 1.0, n)
+    base = dice + rng.normal(0, 0.15, n)
+    return pd.DataFrame({"fold": 1, "subject_id": [f"s{i}" for i in range(n)],
+                         "split": np.where(np.arange(n) % 2, "test", "val"),
+                         "true_dice": dice, "pairwise_dice": base,
+                         "dr_error": base + rng.normal(0, 0.2, n),
+                         "pred_lesion_ml": dice + rng.normal(0, 1.0, n)})
+
+
+def test_ties_come_from_paired_differences_not_overlapping_intervals():
+    cases = _paired_cases()
+    scores = [ev.qc_score(n) for n in ("pairwise_dice", "dr_error", "pred_lesion_ml")]
+    pair, err = (s.label for s in scores[:2])
+    ranking = report.ranking_table(cases, scores, n_boot=400, quality_threshold=0.5,
+                                   chosen=scores[0])
+    # the unpaired intervals overlap: the old rule called this a tie
+    assert ranking.loc[err, "aurc_low"] <= ranking.loc[pair, "aurc_high"]
+    unpaired = report.winners(ranking, _no_table()).set_index("metric")
+    assert err in unpaired.loc["aurc", "tied with"]
+    # the paired difference excludes 0: no tie
+    assert ranking.loc[err, "delta_aurc_vs_chosen_low"] > 0
+    paired = report.winners(ranking, _no_table(), cases, scores, n_boot=400,
+                            quality_threshold=0.5).set_index("metric")
+    assert paired.loc["aurc", "best score"] == pair
+    assert err not in paired.loc["aurc", "tied with"]
+    assert "paired" in paired.loc["aurc", "verdict"]
+    # the chosen score's difference to itself is empty; the columns match the paired bootstrap
+    assert np.isnan(ranking.loc[pair, "delta_aurc_vs_chosen"])
+    direct = ev.paired_bootstrap_delta(ev.scored_rows(cases), scores[1], scores[2], n_boot=400,
+                                       quality_threshold=0.5)
+    assert ranking.loc[err, "delta_failure_auroc_vs_volume_low"] == \
+        pytest.approx(direct.loc["failure_auroc", "low"])
+    shown = report.ranking_display(ranking)
+    column = "Δ AURC vs the carried score"
+    assert column in shown and shown.loc[pair, column] == "—"
+
+
+def test_choice_stability_counts_wins_over_resampled_validation_rows():
+    cases = _paired_cases()
+    scores = [ev.qc_score(n) for n in ("dr_error", "pairwise_dice", "pred_lesion_ml")]
+    clear = report.choice_stability(cases, scores, n_boot=300, seed=1)
+    pair = ev.qc_score("pairwise_dice").label
+    assert clear.index[0] == pair and clear.loc[pair, "chosen"]
+    assert clear.loc[pair, "share"] > 0.6 and clear["wins"].sum() == 300
+    assert ev.qc_score("pred_lesion_ml").label not in clear.index  # baselines never chosen
+    assert pair in report.stability_note(clear)
+    # two scores in the same order everywhere: the first listed wins every resample (ties)
+    same = cases.assign(dr_error=cases["pairwise_dice"] * 2)
+    tied = report.choice_stability(same, scores, n_boot=100, seed=1)
+    assert tied.loc[ev.qc_score("dr_error").label, "share"] == 1.0
+    # a near-coin: pairwise Dice and its noisy copy, noise small enough to swap them often
+    close = cases.assign(dr_error=cases["pairwise_dice"]
+                         + np.random.default_rng(5).normal(0, 0.01, len(cases)))
+    coin = report.choice_stability(close, scores, n_boot=300, seed=1)
+    assert 0.1 < coin.loc[pair, "share"] < 0.9
+    # only validation rows are read: garbage in the test rows changes nothing
+    garbage = cases.copy()
+    garbage.loc[garbage["split"] == "test", ["pairwise_dice", "dr_error"]] = np.nan
+    pd.testing.assert_frame_equal(clear, report.choice_stability(garbage, scores, n_boot=300,
+                                                                 seed=1))
+
+
+def test_operating_point_intervals_carry_the_thresholds_own_variance(cases):
+    spec = ev.qc_score("pairwise_dice")
+    noisy = cases.assign(pairwise_dice=cases["pairwise_dice"]
+                         + np.random.default_rng(2).normal(0, 0.15, len(cases)))
+    point = ev.evaluate_folds(noisy, spec, select="f1", quality_threshold=0.5)
+    rechosen = ev.operating_point(noisy, spec, "f1", n_boot=300, seed=4, quality_threshold=0.5)
+    fixed = ev.operating_point(noisy, spec, "f1", n_boot=300, seed=4, rechoose=False,
+                               quality_threshold=0.5)
+    for name in ("recall", "precision", "review_fraction"):
+        assert rechosen[name]["estimate"] == pytest.approx(point.pooled[name])
+        assert fixed[name]["estimate"] == rechosen[name]["estimate"]
+    assert rechosen["thresholds"] == pytest.approx(point.thresholds)
+    test = noisy[noisy["split"] == "test"]
+    assert rechosen["prevalence"]["estimate"] == pytest.approx((test["true_dice"] < 0.5).mean())
+    assert rechosen["specificity"]["estimate"] == pytest.approx(
+        1 - point.pooled["n_flagged"] / len(test) * (1 - point.pooled["precision"])
+        / (1 - rechosen["prevalence"]["estimate"]))
+    width = {k: (d[k]["high"] - d[k]["low"]) for d in (rechosen,) for k in ("review_fraction",)}
+    assert width["review_fraction"] > fixed["review_fraction"]["high"] - \
+        fixed["review_fraction"]["low"]
+    assert ev.operating_point(noisy, spec, "f1", n_boot=300, seed=4,
+                              quality_threshold=0.5) == rechosen  # seeded

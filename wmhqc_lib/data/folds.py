@@ -8,6 +8,8 @@ notebook reads it, so all steps of a fold see the same split.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -111,6 +113,26 @@ def make_folds(subjects: pd.DataFrame, n_folds: int = 5, val_fraction: float = 0
         part["split"] = split
         rows.append(part)
     return pd.concat(rows, ignore_index=True)[FOLD_COLUMNS]
+
+
+def holdout(ids: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Split one fold's training subjects into the ones a model fits and the ones that stop
+    its training (early stopping, learning-rate plateau), so that the validation subjects,
+    which choose scores and thresholds, are never also the rows that stopped a model.
+
+    The held-out subjects sit at evenly spaced positions of ``ids`` (ordered by dataset and
+    site, as the folds table lists them, so each site keeps its share): ``round(fraction * n)``
+    of them, at least 1 and leaving at least 2 to fit; none when ``fraction`` is 0 or fewer
+    than 3 subjects are given. Returns ``(fit, held_out)`` in the order of ``ids``."""
+    ids = list(ids)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 or len(ids) < 3:
+        return ids, []
+    n = min(max(int(round(fraction * len(ids))), 1), len(ids) - 2)
+    picks = set(np.floor((np.arange(n) + 0.5) * len(ids) / n).astype(int).tolist())
+    return ([s for i, s in enumerate(ids) if i not in picks],
+            [s for i, s in enumerate(ids) if i in picks])
 
 
 def inner_folds(subjects: pd.DataFrame, n_folds: int, seed: int = 0, n_load_bins: int = 3,

@@ -26,7 +26,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..config import PreprocessSettings, Profile, load_profile, profile_names
@@ -51,6 +50,12 @@ EXPORTABLE = tuple(s.name for s in ev.QC_SCORES if s.column != ev.RANDOM_COLUMN)
 OOD_MARGIN, OOD_RELATIVE = 0.5, 0.1
 #: Features checked against the cohort's range (shear is checked by rule, see triage).
 OOD_FEATURES = tuple(f for f in preprocess.IMAGE_FEATURES if f != "axis_skew_deg")
+#: The values each feature can take at all: a widened range stops there, so a report never
+#: reads "voxel size beyond -0.97 mm". Fractions and correlations are bounded; sizes and
+#: volumes are non-negative.
+FEATURE_BOUNDS = {"brain_fill": (0.0, 1.0), "flair_bright_fraction": (0.0, 1.0),
+                  "flair_t1_correlation": (-1.0, 1.0), "flair_smoothness": (-1.0, 1.0)}
+NON_NEGATIVE = (0.0, math.inf)
 
 
 class BundleError(ValueError):
@@ -174,34 +179,9 @@ def _dr_names(cases: pd.DataFrame) -> list[str]:
             if rg.column_name(k, v) in cases.columns and cases[rg.column_name(k, v)].notna().any()]
 
 
-def _operating_point(test: pd.DataFrame, flagged: np.ndarray, quality: float, n_boot: int,
-                     seed: int) -> dict:
-    """Precision, recall and review fraction of the flags on pooled test rows, with
-    percentile bootstrap 95 % intervals over cases."""
-    failed = test[ev.DICE_COLUMN].to_numpy(dtype=float) < quality
-    rng = np.random.default_rng([seed, 12])
-    idx = rng.integers(0, len(failed), (n_boot, len(failed)))
-    f, g = failed[idx], flagged[idx]
-    tp = (f & g).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = {"precision": tp / g.sum(axis=1), "recall": tp / f.sum(axis=1),
-                "review_fraction": g.mean(axis=1)}
-    tp0 = int((failed & flagged).sum())
-    point = {"precision": tp0 / flagged.sum() if flagged.any() else math.nan,
-             "recall": tp0 / failed.sum() if failed.any() else math.nan,
-             "review_fraction": float(flagged.mean())}
-    out = {}
-    for name, values in boot.items():
-        valid = values[np.isfinite(values)]
-        low, high = np.quantile(valid, [0.025, 0.975]) if len(valid) else (math.nan, math.nan)
-        out[name] = {"estimate": float(point[name]), "low": float(low), "high": float(high)}
-    out["n_cases"], out["n_failed"], out["n_flagged"] = (len(failed), int(failed.sum()),
-                                                          int(flagged.sum()))
-    return out
-
-
 def _feature_ranges(results_dir: Path, subjects: list[str]) -> dict[str, dict]:
-    """Each image feature's range over the study cohort, widened by :data:`OOD_MARGIN`."""
+    """Each image feature's range over the study cohort, widened by :data:`OOD_MARGIN` but
+    never past the values the feature can take (:data:`FEATURE_BOUNDS`)."""
     cache = cohort.CohortPaths.under(results_dir).cache
     rows = []
     for sid in subjects:
@@ -215,15 +195,22 @@ def _feature_ranges(results_dir: Path, subjects: list[str]) -> dict[str, dict]:
     for name in OOD_FEATURES:
         lo, hi = float(table[name].min()), float(table[name].max())
         pad = max(OOD_MARGIN * (hi - lo), OOD_RELATIVE * max(abs(lo), abs(hi)))
-        out[name] = {"min": lo, "max": hi, "low": lo - pad, "high": hi + pad}
+        floor, ceiling = FEATURE_BOUNDS.get(name, NON_NEGATIVE)
+        out[name] = {"min": lo, "max": hi, "low": max(lo - pad, floor),
+                     "high": min(hi + pad, ceiling)}
     return out
+
+
+def _eligible(cases: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, list[ev.QCScore]]:
+    """The study's cases with the baselines added, and the scores a bundle can carry."""
+    cases, scores = report.available_scores(cases, seed=seed)
+    return cases, [s for s in scores if s.name in EXPORTABLE]
 
 
 def _score_choice(cases: pd.DataFrame, score: str | None, seed: int
                   ) -> tuple[ev.QCScore, ev.QCScore | None, pd.DataFrame]:
     """The bundle's score (validation-chosen unless named) and its predicted-Dice regressor."""
-    cases, scores = report.available_scores(cases, seed=seed)
-    eligible = [s for s in scores if s.name in EXPORTABLE]
+    cases, eligible = _eligible(cases, seed)
     if score is None:
         chosen, table = report.choose_score(cases, eligible)
     else:
@@ -265,13 +252,16 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     chosen, dice_spec, val_table = _score_choice(cases, score, prof.seed)
     evaluation = ev.evaluate_folds(cases, chosen, select=rule, quality_threshold=quality)
     test = cases[cases["split"] == "test"]
-    flagged = np.concatenate([
-        ev.flag_cases(test.loc[test["fold"] == f, chosen.column].to_numpy(float),
-                      evaluation.thresholds[f], chosen.higher_is_better) for f in folds])
     test = pd.concat([test[test["fold"] == f] for f in folds])
     n_boot = int(section.get("bootstrap_samples", 1000))
     boot = ev.bootstrap_intervals(test, chosen, n_boot=n_boot, seed=prof.seed,
                                   quality_threshold=quality)
+    operating = {rechoose: ev.operating_point(cases, chosen, rule, n_boot=n_boot,
+                                              seed=prof.seed, rechoose=rechoose,
+                                              quality_threshold=quality)
+                 for rechoose in (True, False)}
+    stability = report.choice_stability(*_eligible(cases, prof.seed), n_boot=n_boot,
+                                        seed=prof.seed)
     manifest, prep, _ = cohort.load(results_dir)
     subjects = sorted(set(cases["subject_id"]))
     used = manifest[manifest["subject_id"].isin(subjects)]
@@ -318,13 +308,22 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     card = {
         "score": chosen.label, "failure": f"lesion Dice < {quality} on the native FLAIR grid",
         "threshold_rule": f"{rule}, chosen per fold on that fold's validation cases",
-        "flag_rule": "a scan is flagged when at least half of the fold models flag it, or when "
-                     "it is unlike the training cohort",
-        "test_operating_point": _operating_point(test, flagged, quality, n_boot, prof.seed),
+        "flag_rule": "a scan is flagged when at least half of the fold models flag the "
+                     "delivered segmentation (the mean of the fold models' MC means cut at "
+                     "0.5), when nothing is segmented, or when it is unlike the training "
+                     "cohort",
+        "test_operating_point": operating[True],
+        "test_operating_point_fixed_thresholds": operating[False],
+        "promise": ["recall", "specificity", "review_fraction"],
         "operating_point_note": "each test case flagged by the fold model that never saw it, "
-                                "with that fold's threshold; triage lets all fold models vote, "
-                                "which the study cannot test (each case is test data for one "
-                                "fold model only)",
+                                "with that fold's threshold; the 95 % intervals resample each "
+                                "fold's validation and test cases and choose the thresholds "
+                                "again in every resample; triage lets all fold models vote on "
+                                "the delivered segmentation, which the study cannot test (each "
+                                "case is test data for one fold model only): the deployed "
+                                "rule is measured on new scans (deployed_check)",
+        "choice_stability": ev.to_jsonable(stability.reset_index().to_dict(orient="records")),
+        "choice_stability_note": report.stability_note(stability),
         "failure_auroc": {k: float(boot.loc["failure_auroc", k]) for k in ("estimate", "low",
                                                                             "high")},
         "aurc": {k: float(boot.loc["aurc", k]) for k in ("estimate", "low", "high")},
@@ -348,31 +347,82 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     return load_bundle(out_dir)
 
 
-def card_markdown(card: dict) -> str:
-    """The model card for people: what a flag promises, measured on the study's test folds."""
+def _interval(d: dict | None) -> str:
+    if not d or d.get("estimate") is None or not math.isfinite(d["estimate"]):
+        return "undefined (no case to count it on)"
+    return f"{d['estimate']:.2f} (95 % CI {d['low']:.2f} to {d['high']:.2f})"
+
+
+def card_markdown(card: dict, deployed: dict | None = None) -> str:
+    """The model card for people: what a flag promises, measured on the study's test folds,
+    and (once :func:`add_deployed_check` stored it) what the deployed rule did on new scans."""
     op = card["test_operating_point"]
-
-    def ci(d: dict) -> str:
-        if d["estimate"] is None or not math.isfinite(d["estimate"]):
-            return "undefined (every test case, or none, failed)"
-        return f"{d['estimate']:.2f} (95 % CI {d['low']:.2f} to {d['high']:.2f})"
-
+    fixed = card.get("test_operating_point_fixed_thresholds")
+    rule = card["flag_rule"]
     cohort_text = ("a **synthetic** cohort" if card["cohort"]["synthetic"] else "a real cohort")
-    return "\n".join([
+    lines = [
         "# QC model card", "",
         f"- QC score: {card['score']}; failure means {card['failure']}.",
-        f"- Thresholds: {card['threshold_rule']}. {card['flag_rule'].capitalize()}.",
+        f"- Thresholds: {card['threshold_rule']}. {rule[0].upper() + rule[1:]}.",
         f"- Trained and tested on {cohort_text} of {card['cohort']['n_subjects']} subjects "
         f"({', '.join(card['cohort']['datasets'])}; sites {', '.join(card['cohort']['sites'])}),"
         f" profile `{card['profile']}`, folds {card['folds']}, code {card['code_version']}.",
-        "", f"On the study's {op['n_cases']} test cases ({op['n_failed']} failed):", "",
-        f"- precision of a flag: {ci(op['precision'])}",
-        f"- recall (failures flagged): {ci(op['recall'])}",
-        f"- review fraction: {ci(op['review_fraction'])}",
-        f"- failure AUROC: {ci(card['failure_auroc'])}", "",
-        f"Each test case was flagged by the fold model that never saw it: "
-        f"{card['operating_point_note'].split('; ', 1)[1]}. These are the study's test-fold "
-        "figures; scans unlike its cohort carry no promise.", ""])
+        f"- Choice of the score: {card.get('choice_stability_note', 'not measured')}",
+        "", f"On the study's {op['n_cases']} test cases, {op['n_failed']} failed: failure "
+        f"prevalence {_interval(op.get('prevalence'))}.", "",
+        "What a flag promises (95 % intervals with the thresholds chosen again in every "
+        "resample):", "",
+        f"- recall (failures flagged): {_interval(op['recall'])}",
+        f"- specificity (successes passed): {_interval(op.get('specificity'))}",
+        f"- review fraction: {_interval(op['review_fraction'])}", "",
+        f"Precision of a flag, {_interval(op['precision'])}, holds only at this prevalence: "
+        "at a site where fewer segmentations fail, fewer flags are failures.",
+        f"Failure AUROC {_interval(card['failure_auroc'])}.", ""]
+    if fixed:
+        lines += [f"With the thresholds held fixed the intervals would be narrower (recall "
+                  f"{fixed['recall']['low']:.2f} to {fixed['recall']['high']:.2f}, review "
+                  f"fraction {fixed['review_fraction']['low']:.2f} to "
+                  f"{fixed['review_fraction']['high']:.2f}); they would leave out that each "
+                  "threshold was chosen on a few validation cases.", ""]
+    lines += [f"Each test case was flagged by the fold model that never saw it: "
+              f"{card['operating_point_note'].split('; ', 1)[1]}. These are the study's "
+              "test-fold figures; scans unlike its cohort carry no promise.", ""]
+    if deployed:
+        lines += ["## The deployed rule on new scans", "",
+                  f"{deployed['n_scans']} new synthetic scans from the study's sites (seeds "
+                  f"{deployed.get('seeds')}), {deployed['n_failed']} failed, triaged with this "
+                  "bundle's full rule (vote of the fold models on the delivered segmentation, "
+                  "empty-segmentation and out-of-distribution checks); Wilson 95 % intervals:",
+                  "",
+                  f"- recall: {_interval(deployed['recall'])}",
+                  f"- specificity: {_interval(deployed['specificity'])}",
+                  f"- review fraction: {_interval(deployed['review_fraction'])}",
+                  f"- precision: {_interval(deployed['precision'])} at prevalence "
+                  f"{_interval(deployed['prevalence'])}", ""]
+    return "\n".join(lines)
+
+
+DEPLOYED_CHECK = "deployed_check.json"
+
+
+def add_deployed_check(root: str | Path, measured: dict) -> None:
+    """Store what the deployed rule achieved on new scans (``benchmarks/deployed_rule.py``) in
+    the bundle: ``deployed_check.json``, the card's Markdown rewritten to show it, both listed
+    in the manifest. The networks, thresholds and the study's own card stay as exported."""
+    root = Path(root)
+    bundle = load_bundle(root)
+    missing = [k for k in ("n_scans", "n_failed", "recall", "specificity", "review_fraction",
+                           "precision", "prevalence") if k not in measured]
+    if missing:
+        raise BundleError(f"deployed check lacks {missing}")
+    (root / DEPLOYED_CHECK).write_text(json.dumps(ev.to_jsonable(measured), indent=1))
+    (root / CARD_MD).write_text(card_markdown(bundle.card, measured))
+    manifest = json.loads((root / MANIFEST).read_text())
+    for name in (DEPLOYED_CHECK, CARD_MD):
+        manifest["files"][name] = file_digest(root / name)
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(root / MANIFEST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,4 +453,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{root / INFO}: format {info.get('format')!r}, expected "
                           f"{BUNDLE_FORMAT}")
-    return Bundle(root, info, json.loads((root / CARD).read_text()))
+    card = json.loads((root / CARD).read_text())
+    if (root / DEPLOYED_CHECK).is_file():
+        card["deployed_check"] = json.loads((root / DEPLOYED_CHECK).read_text())
+    return Bundle(root, info, card)

@@ -345,16 +345,23 @@ class WholeVolumeValidation(keras.callbacks.Callback):
             self.state["stopped_early"] = True
 
 
+def rate_changes(history: pd.DataFrame) -> list[tuple[int, float]]:
+    """``(epoch, new rate)`` for each epoch that ran at a lower learning rate than the one
+    before it (the plateau schedule's drops), read from a history with ``epoch`` and
+    ``learning_rate`` columns; empty when the history has no rates."""
+    if "learning_rate" not in history or len(history) < 2:
+        return []
+    lr = history["learning_rate"].to_numpy(dtype=float)
+    return [(int(e), float(b)) for e, a, b in zip(history["epoch"].iloc[1:], lr[:-1], lr[1:],
+                                                  strict=True) if b < a]
+
+
 def stopping_summary(state: Mapping, section: Mapping) -> str:
     """How a training run ended, in words: by its own early stopping (with the epochs of its
     learning-rate changes) or at the epoch cap, the case the training chapters must flag,
     since a network stopped by the cap may not have reached its plateau."""
     history = pd.DataFrame(state.get("history", []))
-    changes = []
-    if "learning_rate" in history and len(history) > 1:
-        lr = history["learning_rate"].to_numpy(dtype=float)
-        changes = [int(e) for e, a, b in zip(history["epoch"].iloc[1:], lr[:-1], lr[1:],
-                                             strict=True) if b < a]
+    changes = [epoch for epoch, _ in rate_changes(history)]
     lr_text = (f"; learning rate lowered after epoch{'s' if len(changes) > 1 else ''} "
                + ", ".join(str(e - 1) for e in changes)) if changes else ""
     run, best = int(state.get("epochs_run", 0)), state.get("best_epoch")

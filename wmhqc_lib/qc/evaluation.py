@@ -893,14 +893,18 @@ def _resampled_metrics(dice: np.ndarray, score: np.ndarray, higher_is_better: bo
     return np.column_stack([auroc, aurc, eaurc, norm_aurc, np.clip(r, -1.0, 1.0)])
 
 
-#: The metrics :func:`paired_bootstrap_delta` compares, and which sign means "better".
+#: The metrics :func:`paired_bootstrap_delta` compares by default, and which sign means
+#: "better".
 DELTA_METRICS = {"failure_auroc": "higher", "aurc": "lower"}
+#: Every ranking metric a paired delta can be taken of, with the direction that is better.
+METRIC_DIRECTION = {**DELTA_METRICS, "eaurc": "lower", "norm_aurc": "higher"}
 
 
 def paired_bootstrap_delta(cases: pd.DataFrame, score: str | QCScore,
                            against: str | QCScore, *, n_boot: int = 1000, seed: int = 0,
                            level: float = 0.95, quality_threshold: float = QUALITY_THRESHOLD,
-                           dice_column: str = DICE_COLUMN) -> pd.DataFrame:
+                           dice_column: str = DICE_COLUMN,
+                           metrics: Sequence[str] = tuple(DELTA_METRICS)) -> pd.DataFrame:
     """Does ``score`` rank the cases better than ``against``? Paired, stratified bootstrap.
 
     Each resample draws the same cases for both scores, so what the two share (which cases are
@@ -910,13 +914,17 @@ def paired_bootstrap_delta(cases: pd.DataFrame, score: str | QCScore,
     interval does not mix in a prevalence the cohort did not have. Seeded: the same ``seed``
     draws the same resamples for every score compared against the same reference.
 
-    Rows: :data:`DELTA_METRICS` (failure AUROC: higher is better, so a positive delta favours
-    ``score``; AURC: lower is better, so a negative delta does). Columns: ``score``,
+    Rows: ``metrics`` (default :data:`DELTA_METRICS`; any of :data:`METRIC_DIRECTION`.
+    Failure AUROC: higher is better, so a positive delta favours ``score``; AURC: lower is
+    better, so a negative delta does). Columns: ``score``,
     ``against``, ``delta`` (score minus against, on all rows), percentile interval ``low`` and
     ``high``, ``n_valid`` resamples. Since the oracle's AURC is the same for both scores in a
     resample, the AURC delta is also the e-AURC delta.
     """
     spec, other = resolve_score(score), resolve_score(against)
+    unknown = [m for m in metrics if m not in METRIC_DIRECTION]
+    if unknown:
+        raise ValueError(f"no paired delta for {unknown}: choose from {list(METRIC_DIRECTION)}")
     if n_boot < 1 or not 0.0 < level < 1.0:
         raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
     _check_quality(quality_threshold)
@@ -937,7 +945,7 @@ def paired_bootstrap_delta(cases: pd.DataFrame, score: str | QCScore,
     diff = score_metrics - other_metrics
     alpha = (1.0 - level) / 2
     rows = {}
-    for name in DELTA_METRICS:
+    for name in metrics:
         j = BOOTSTRAP_METRICS.index(name)
         point, samples = diff[0, j], diff[1:, j]
         valid = samples[np.isfinite(samples)]
@@ -946,6 +954,99 @@ def paired_bootstrap_delta(cases: pd.DataFrame, score: str | QCScore,
         rows[name] = {"score": spec.label, "against": other.label, "delta": float(point),
                       "low": float(low), "high": float(high), "n_valid": len(valid)}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def resampled_metric(cases: pd.DataFrame, score: str | QCScore, rows: np.ndarray, *,
+                     metric: str = "aurc", quality_threshold: float = QUALITY_THRESHOLD,
+                     dice_column: str = DICE_COLUMN) -> np.ndarray:
+    """One of :data:`BOOTSTRAP_METRICS` on each resample of ``cases``: ``rows`` is an
+    ``(n_resamples, n)`` array of row positions. Callers that draw ``rows`` once and pass
+    them for every score compare the scores on the same resamples (paired)."""
+    spec = resolve_score(score)
+    if metric not in BOOTSTRAP_METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose from {BOOTSTRAP_METRICS}")
+    dice = cases[dice_column].to_numpy(dtype=float)
+    values = cases[spec.column].to_numpy(dtype=float)
+    return _resampled_metrics(dice, values, spec.higher_is_better, quality_threshold,
+                              np.asarray(rows))[:, BOOTSTRAP_METRICS.index(metric)]
+
+
+#: What a flag promises, in :func:`operating_point`: positive = failed case.
+OPERATING_METRICS = ("recall", "specificity", "review_fraction", "precision", "prevalence")
+
+
+def _operating_counts(failed: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+    """:data:`OPERATING_METRICS` of one set of flags (NaN where a ratio has no cases)."""
+    tp = float(np.sum(failed & flagged))
+    n_failed, n_flagged, n = float(failed.sum()), float(flagged.sum()), len(failed)
+    return {"recall": _ratio(tp, n_failed),
+            "specificity": _ratio(float(np.sum(~failed & ~flagged)), n - n_failed),
+            "review_fraction": _ratio(n_flagged, n), "precision": _ratio(tp, n_flagged),
+            "prevalence": _ratio(n_failed, n)}
+
+
+def operating_point(cases: pd.DataFrame, score: str | QCScore, rule: str, *,
+                    n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                    rechoose: bool = True, quality_threshold: float = QUALITY_THRESHOLD,
+                    dice_column: str = DICE_COLUMN) -> dict[str, Any]:
+    """What the flags of a validation-chosen threshold achieve on the test rows of all folds
+    pooled, with percentile bootstrap intervals that carry the threshold's own uncertainty.
+
+    Each fold's threshold is chosen by ``rule`` on that fold's validation rows and applied to
+    its test rows (:func:`evaluate_folds`). In each resample, every fold's validation rows and
+    test rows are drawn again with replacement (each as many as observed) and, with
+    ``rechoose`` (the default), the threshold is chosen again on the resampled validation
+    rows: a threshold picked on about 16 cases varies, and the interval of a promise made with
+    it must show that. ``rechoose=False`` keeps the thresholds fixed (the narrower interval
+    that leaves this variance out). Returns, for :data:`OPERATING_METRICS` (recall,
+    specificity, review fraction, precision and the failure prevalence it depends on), the
+    estimate, low, high and the resamples where it was defined; plus the case counts and each
+    fold's threshold.
+    """
+    spec = resolve_score(score)
+    if n_boot < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    point = _evaluate_folds(cases, spec, None, rule, "val", quality_threshold, dice_column)
+    split = cases["split"].astype(str)
+    parts = []
+    for fold in sorted(point.thresholds):
+        in_fold = cases["fold"] == fold
+        val, test = cases[in_fold & (split == "val")], cases[in_fold & (split == "test")]
+        parts.append((val, test[dice_column].to_numpy(float) < quality_threshold,
+                      test[spec.column].to_numpy(float), point.thresholds[fold]))
+    failed = np.concatenate([p[1] for p in parts])
+    flagged = np.concatenate([flag_cases(p[2], p[3], spec.higher_is_better) for p in parts])
+    estimate = _operating_counts(failed, flagged)
+    rng = np.random.default_rng([seed, 23])
+    samples = {m: np.empty(n_boot) for m in OPERATING_METRICS}
+    for b in range(n_boot):
+        fails, flags = [], []
+        for val, test_failed, test_values, threshold in parts:
+            if rechoose:
+                drawn = val.iloc[rng.integers(0, len(val), len(val))]
+                threshold = select_threshold(drawn, spec, rule,
+                                             quality_threshold=quality_threshold,
+                                             dice_column=dice_column)
+            pick = rng.integers(0, len(test_failed), len(test_failed))
+            fails.append(test_failed[pick])
+            flags.append(flag_cases(test_values[pick], threshold, spec.higher_is_better))
+        for name, value in _operating_counts(np.concatenate(fails),
+                                             np.concatenate(flags)).items():
+            samples[name][b] = value
+    alpha = (1.0 - level) / 2
+    out: dict[str, Any] = {}
+    for name in OPERATING_METRICS:
+        valid = samples[name][np.isfinite(samples[name])]
+        low, high = (np.quantile(valid, [alpha, 1 - alpha]) if len(valid)
+                     else (math.nan, math.nan))
+        out[name] = {"estimate": float(estimate[name]), "low": float(low),
+                     "high": float(high), "n_valid": len(valid)}
+    out.update(n_cases=len(failed), n_failed=int(failed.sum()), n_flagged=int(flagged.sum()),
+               thresholds={int(k) if isinstance(k, (int, np.integer)) else k: float(v)
+                           for k, v in point.thresholds.items()},
+               rule=rule, rechosen_in_resamples=bool(rechoose), n_boot=int(n_boot),
+               level=level)
+    return out
 
 
 def quality_threshold_sensitivity(cases: pd.DataFrame, score: str | QCScore, *,

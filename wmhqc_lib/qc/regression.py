@@ -42,7 +42,7 @@ from scipy.stats import pearsonr
 from ..nets.training import TrainResult, fit_model
 from .reconstruction import QCImage, array_digest, error_maps
 
-WIDEN_VERSION = 2  # 2: true Dice of widened masks on the native grid
+WIDEN_VERSION = 3  # 2: true Dice of widened masks on the native grid; 3: one target rule
 
 INPUT_KINDS = ("image", "uncertainty", "error")
 INPUT_LABELS = {"image": "image-prediction", "uncertainty": "uncertainty-prediction",
@@ -126,14 +126,31 @@ def widened_masks(mean: np.ndarray, prediction: np.ndarray, thresholds: Sequence
     return out
 
 
+def target_volume(name: str, mask: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The grid volume whose cut at 0.5 is ``mask``, for its true Dice (:func:`widened_pairs`).
+
+    One rule for every training target: the true Dice of a mask is measured on the native
+    grid by mapping back, linearly, the grid volume that was cut to make the mask, and cutting
+    it at the same level there. The main pair's mask is the MC mean cut at 0.5, so its target
+    maps back the mean (the study's ``true_dice``); the mask at level ``t`` is the mean cut at
+    ``t``, so its target maps back ``mean + 0.5 - t`` (cut at 0.5, the same as the mapped mean
+    cut at ``t``: linear resampling commutes with a constant shift); a dilated or eroded mask
+    has no underlying probability, so the mask itself (0/1) is mapped back."""
+    if name.startswith("threshold_"):
+        level = float(name.removeprefix("threshold_"))
+        return np.asarray(mean, dtype=np.float32) + np.float32(0.5 - level)
+    return np.asarray(mask, dtype=np.float32)
+
+
 def widened_pairs(rec_model: keras.Model, case: CaseInputs,
                   true_dice: Callable[[np.ndarray], float], settings: Mapping,
                   cache: Path | None = None, tag: str = "", batch: int = 4
                   ) -> dict[str, object]:
     """Extra training pairs of one *training* case: masks, their true Dice against the case's
-    ground truth (``true_dice(mask)``: measured where the targets of the main pairs are, on
-    the native grid), and the error maps with each mask zeroed. Cached in ``cache`` (an npz)
-    when the reconstruction model ``tag`` and the masks are unchanged."""
+    ground truth, and the error maps with each mask zeroed. ``true_dice(volume)`` maps a grid
+    volume back to the native grid, cuts it at 0.5 and scores it, as the main pairs' targets
+    are (:func:`target_volume` gives each mask's volume). Cached in ``cache`` (an npz) when the
+    reconstruction model ``tag`` and the masks are unchanged."""
     masks = widened_masks(case.mean, case.prediction, settings.get("thresholds", ()),
                           int(settings.get("dilate", 0)), int(settings.get("erode", 0)))
     names = list(masks)
@@ -145,7 +162,9 @@ def widened_pairs(rec_model: keras.Model, case: CaseInputs,
             if str(z["stamp"]) == stamp:
                 return {"names": names, "masks": stack, "dice": z["dice"],
                         "error": z["error"].astype(np.float32)}
-    scores = np.array([true_dice(m) for m in stack], dtype=np.float32)
+    scores = np.array([true_dice(target_volume(n, m, case.mean))
+                       for n, m in zip(names, stack, strict=True)],
+                      dtype=np.float32)
     errors = np.stack([m.error for m in error_maps(rec_model, case.image, stack, batch)]) \
         if names else np.zeros((0, *case.prediction.shape), np.float32)
     if cache is not None:

@@ -109,14 +109,11 @@ def roundtrip_figure(table: pd.DataFrame, quality_threshold: float, synthetic: b
 def mark_rate_changes(fig: go.Figure, history: pd.DataFrame) -> None:
     """A thin dashed line at each epoch whose learning rate is lower than the epoch before
     (the plateau schedule), so a flattening curve can be read against its schedule."""
-    if "learning_rate" not in history or len(history) < 2:
-        return
-    lr = history["learning_rate"].to_numpy(dtype=float)
-    for epoch, before, after in zip(history["epoch"].iloc[1:], lr[:-1], lr[1:], strict=True):
-        if after < before:
-            fig.add_vline(x=float(epoch) - 0.5, line_dash="dash", line_width=1,
-                          line_color="grey", annotation_text=f"lr {after:.1g}",
-                          annotation_position="bottom right")
+    from ..nets.training import rate_changes
+
+    for epoch, rate in rate_changes(history):
+        fig.add_vline(x=float(epoch) - 0.5, line_dash="dash", line_width=1, line_color="grey",
+                      annotation_text=f"lr {rate:.1g}", annotation_position="bottom right")
 
 
 def learning_curves(history: pd.DataFrame, title: str) -> go.Figure:

@@ -81,13 +81,30 @@ def compare(cases: pd.DataFrame, scores: Sequence[ev.QCScore], select: str = "f1
                                       dice_column=dice_column) for s in scores}
 
 
+#: The references every score's paired differences are taken against in :func:`ranking_table`
+#: (column suffix): the carried score, and the predicted lesion volume a method must beat.
+DELTA_REFERENCES = ("chosen", "volume")
+
+
 def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: int = 1000,
                   seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
-                  dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+                  dice_column: str = ev.DICE_COLUMN,
+                  chosen: ev.QCScore | None = None) -> pd.DataFrame:
     """Threshold-free ranking metrics on all test rows pooled over folds, with bootstrap 95 %
     intervals (over cases) for :data:`~wmhqc_lib.qc.evaluation.BOOTSTRAP_METRICS`. ``role``
-    says whether a row is a QC method, a baseline or a reference line (:func:`score_role`)."""
+    says whether a row is a QC method, a baseline or a reference line (:func:`score_role`).
+
+    Paired differences: each score minus ``chosen`` (the carried score, when given) and minus
+    the predicted lesion volume (when it is among ``scores``), in failure AUROC and AURC, with
+    paired, failure-stratified bootstrap 95 % intervals
+    (:func:`~wmhqc_lib.qc.evaluation.paired_bootstrap_delta`; every score sees the same
+    resamples): columns ``delta_<metric>_vs_<chosen|volume>`` with ``_low``/``_high``. Two
+    scores' own intervals overlap far more often than their difference's interval spans 0,
+    since the cases that are hard for one are hard for the other; the difference is what
+    tells them apart. A score's difference to itself is left empty."""
     test = ev.scored_rows(cases)
+    volume = next((s for s in scores if s.column == VOLUME_BASELINE), None)
+    references = {"chosen": chosen, "volume": volume}
     rows = []
     for spec in scores:
         # AUROC, AURC, e-AURC and correlations do not depend on the threshold
@@ -108,6 +125,17 @@ def ranking_table(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: 
         for metric in ev.BOOTSTRAP_METRICS:
             row[f"{metric}_low"] = float(boot.loc[metric, "low"])
             row[f"{metric}_high"] = float(boot.loc[metric, "high"])
+        for tag, ref in references.items():
+            if ref is None:
+                continue
+            delta = (ev.paired_bootstrap_delta(test, spec, ref, n_boot=n_boot, seed=seed,
+                                               quality_threshold=quality_threshold,
+                                               dice_column=dice_column)
+                     if ref.column != spec.column else None)
+            for metric in ev.DELTA_METRICS:
+                for part, key in (("", "delta"), ("_low", "low"), ("_high", "high")):
+                    row[f"delta_{metric}_vs_{tag}{part}"] = (
+                        float(delta.loc[metric, key]) if delta is not None else np.nan)
         rows.append(row)
     return pd.DataFrame(rows).set_index("score")
 
@@ -126,8 +154,13 @@ def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
     table fits the page (the numeric table stays available as CSV)."""
     shown = {"failure AUROC": "failure_auroc", "AURC": "aurc", "e-AURC": "eaurc",
              "normalised AURC": "norm_aurc", "Pearson r": "pearson_r"}
+    for tag, name in (("chosen", "the carried score"), ("volume", "predicted volume")):
+        if f"delta_failure_auroc_vs_{tag}" in ranking:
+            shown[f"Δ AUROC vs {name}"] = f"delta_failure_auroc_vs_{tag}"
+            shown[f"Δ AURC vs {name}"] = f"delta_aurc_vs_{tag}"
     out = pd.DataFrame({label: [_with_interval(row[m], row.get(f"{m}_low"),
                                                row.get(f"{m}_high"))
+                                if np.isfinite(row[m]) or not m.startswith("delta_") else "—"
                                 for _, row in ranking.iterrows()]
                         for label, m in shown.items()}, index=ranking.index)
     if "role" in ranking:
@@ -189,6 +222,94 @@ def choose_score(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *,
     return chosen, table.drop(columns="_order").set_index("score")
 
 
+def choice_stability(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boot: int = 1000,
+                     seed: int = 0, dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """How often each eligible score would have been chosen, over bootstrap resamples of the
+    rows that choose (:func:`choose_score`'s pooled validation rows).
+
+    Each resample draws every fold's validation rows again with replacement (as many as it
+    has), pools them and applies :func:`choose_score`'s rule (lowest AURC, ties to the score
+    listed first) to each candidate on the same resample. A choice that wins in most resamples
+    is a finding; one that wins in half of them is a coin the validation cases happened to
+    throw. Columns: ``wins`` (resamples won), ``share`` (of ``n_boot``), ``chosen`` (on all
+    rows), in ``choose_score``'s candidate order, most wins first.
+    """
+    chosen, _ = choose_score(cases, scores, dice_column=dice_column)
+    val = cases[cases["split"].astype(str) == "val"].reset_index(drop=True)
+    candidates = [s for s in scores if not (s.baseline or s.reads_annotation)]
+    rng = np.random.default_rng([seed, 29])
+    groups = [np.flatnonzero(val["fold"].to_numpy() == f) for f in sorted(val["fold"].unique())] \
+        if "fold" in val else [np.arange(len(val))]
+    rows = np.concatenate([g[rng.integers(0, len(g), (n_boot, len(g)))] for g in groups], axis=1)
+    aurc = np.column_stack([ev.resampled_metric(val, spec, rows, metric="aurc",
+                                                dice_column=dice_column)
+                            for spec in candidates])
+    winner = np.argmin(np.where(np.isfinite(aurc), aurc, np.inf), axis=1)  # first on ties
+    wins = np.bincount(winner, minlength=len(candidates))
+    table = pd.DataFrame({"score": [s.label for s in candidates], "wins": wins,
+                          "share": wins / n_boot,
+                          "chosen": [s.name == chosen.name for s in candidates],
+                          "_order": range(len(candidates))})
+    table = table.sort_values(["wins", "_order"], ascending=[False, True], kind="stable")
+    table.attrs.update(n_boot=n_boot, n_rows=len(val))
+    return table.drop(columns="_order").set_index("score")
+
+
+def stability_note(stability: pd.DataFrame) -> str:
+    """One sentence on how stable the choice is, from :func:`choice_stability`."""
+    chosen = stability.index[stability["chosen"]][0]
+    share = float(stability.loc[chosen, "share"])
+    others = stability[~stability["chosen"] & (stability["wins"] > 0)]
+    rivals = ", ".join(f"{name} {row['share']:.0%}" for name, row in others.head(3).iterrows())
+    n_boot, n_rows = stability.attrs.get("n_boot", "?"), stability.attrs.get("n_rows", "?")
+    strength = ("a stable choice" if share >= 0.8 else "a fragile choice" if share < 0.5
+                else "a choice that holds in most resamples, not all")
+    return (f"{chosen} wins in {share:.0%} of {n_boot} bootstrap resamples of the {n_rows} "
+            f"validation rows that choose ({strength})"
+            + (f"; otherwise {rivals}." if rivals else "."))
+
+
+def operating_point_table(rechosen: dict, fixed: dict | None = None) -> pd.DataFrame:
+    """:func:`~wmhqc_lib.qc.evaluation.operating_point` for reading: each figure with its
+    interval when the thresholds are chosen again in every resample, and (given) with them
+    held fixed; recall, specificity and review fraction are what a flag promises, precision
+    comes with the prevalence it holds at."""
+    labels = {"recall": "recall (promise)", "specificity": "specificity (promise)",
+              "review_fraction": "review fraction (promise)",
+              "precision": "precision (at this prevalence only)",
+              "prevalence": "failure prevalence"}
+    columns = {"thresholds chosen again in each resample": rechosen}
+    if fixed is not None:
+        columns["thresholds held fixed"] = fixed
+    return pd.DataFrame({name: [_with_interval(op[m]["estimate"], op[m]["low"], op[m]["high"])
+                                for m in labels] for name, op in columns.items()},
+                        index=list(labels.values()))
+
+
+def _paired_ties(cases: pd.DataFrame, scores: Sequence[ev.QCScore], metric: str, best: str, *,
+                 n_boot: int, seed: int, quality_threshold: float, dice_column: str,
+                 cache: dict) -> tuple[list[str], dict[str, tuple[float, float, float]]]:
+    """Scores whose paired difference to ``best`` on ``metric`` has a 95 % interval that holds
+    0 (test rows pooled), and every score's (delta, low, high) against it."""
+    test = ev.scored_rows(cases)
+    by_label = {s.label: s for s in scores}
+    tied, deltas = [], {}
+    for label, spec in by_label.items():
+        if label == best:
+            continue
+        key = (label, best)
+        if key not in cache:
+            cache[key] = ev.paired_bootstrap_delta(
+                test, spec, by_label[best], n_boot=n_boot, seed=seed,
+                quality_threshold=quality_threshold, dice_column=dice_column,
+                metrics=tuple(ev.METRIC_DIRECTION))
+        d = cache[key].loc[metric]
+        deltas[label] = (float(d["delta"]), float(d["low"]), float(d["high"]))
+        if np.isfinite(d["low"]) and d["low"] <= 0 <= d["high"]:
+            tied.append(label)
+    return tied, deltas
+
+
 def _overlapping(ranking: pd.DataFrame, metric: str, best: str) -> list[str] | None:
     """Scores whose bootstrap interval of ``metric`` overlaps the best score's; None when the
     ranking has no interval for it."""
@@ -203,20 +324,29 @@ def _overlapping(ranking: pd.DataFrame, metric: str, best: str) -> list[str] | N
     return list(others.index[overlap.fillna(False).to_numpy(dtype=bool)])
 
 
-def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+def winners(ranking: pd.DataFrame, table: pd.DataFrame, cases: pd.DataFrame | None = None,
+            scores: Sequence[ev.QCScore] | None = None, *, n_boot: int = 1000, seed: int = 0,
+            quality_threshold: float = ev.QUALITY_THRESHOLD,
+            dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
     """Which score is best on each metric (computed, not typed), and whether it really is.
 
     On the test rows pooled over folds: lowest AURC / e-AURC, highest normalised AURC, failure
-    AUROC and Spearman in the score's direction. Where :func:`ranking_table` has a bootstrap
-    95 % interval, the pick shows it, ``tied with`` lists every score whose interval overlaps
-    the pick's, and the verdict says "tie" when any does: a point estimate alone would crown a
-    winner the cases cannot tell apart. In the Table 1 form (means over folds, no interval):
-    highest recall and precision, highest median Dice after filtering, fewest cases reviewed.
-    Reference lines (``role`` :data:`ROLE_REFERENCE`) are left out: they read the annotation, so
-    they are no method that could win, and they neither win nor tie.
+    AUROC and Spearman in the score's direction. With ``cases`` and ``scores``, a tie is called
+    from paired differences: every other score minus the pick on the same bootstrap resamples
+    (:func:`~wmhqc_lib.qc.evaluation.paired_bootstrap_delta`), and ``tied with`` lists each
+    score whose difference's 95 % interval holds 0; the verdict says "tie" when any does.
+    Without them (or for Spearman, which has no paired interval), the older, cruder rule:
+    overlapping unpaired intervals of :func:`ranking_table`, labelled as such. In the Table 1
+    form (means over folds, no interval): highest recall and precision, highest median Dice
+    after filtering, fewest cases reviewed. Reference lines (``role``
+    :data:`ROLE_REFERENCE`) are left out: they read the annotation, so they are no method that
+    could win, and they neither win nor tie.
     """
     if "role" in ranking:
         ranking = ranking[ranking["role"] != ROLE_REFERENCE]
+    paired = cases is not None and scores is not None
+    eligible = [s for s in scores or () if s.label in ranking.index]
+    cache: dict = {}
     picks = []
     for metric, best in (("aurc", "min"), ("eaurc", "min"), ("norm_aurc", "max"),
                          ("failure_auroc", "max"), ("spearman_oriented", "max")):
@@ -226,15 +356,25 @@ def winners(ranking: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
         if not len(col):
             continue
         name = col.idxmin() if best == "min" else col.idxmax()
-        tied = _overlapping(ranking, metric, name)
-        low = float(ranking.loc[name, f"{metric}_low"]) if tied is not None else np.nan
-        high = float(ranking.loc[name, f"{metric}_high"]) if tied is not None else np.nan
-        if tied is None:
-            verdict = f"{name} (point estimate; no interval)"
-        elif tied:
-            verdict = f"tie: {name} with {', '.join(tied)} (overlapping 95 % intervals)"
+        has_interval = f"{metric}_low" in ranking
+        low = float(ranking.loc[name, f"{metric}_low"]) if has_interval else np.nan
+        high = float(ranking.loc[name, f"{metric}_high"]) if has_interval else np.nan
+        if paired and metric in ev.METRIC_DIRECTION:
+            tied, _ = _paired_ties(cases, eligible, metric, name, n_boot=n_boot, seed=seed,
+                                   quality_threshold=quality_threshold,
+                                   dice_column=dice_column, cache=cache)
+            verdict = (f"tie: {name} with {', '.join(tied)} (paired 95 % intervals of the "
+                       "difference hold 0)" if tied else
+                       f"{name} (every paired difference's 95 % interval excludes 0)")
         else:
-            verdict = f"{name} (its 95 % interval overlaps no other score's)"
+            tied = _overlapping(ranking, metric, name)
+            if tied is None:
+                verdict = f"{name} (point estimate; no interval)"
+            elif tied:
+                verdict = (f"tie: {name} with {', '.join(tied)} (overlapping unpaired 95 % "
+                           "intervals)")
+            else:
+                verdict = f"{name} (its unpaired 95 % interval overlaps no other score's)"
         picks.append({"metric": metric, "basis": "test cases pooled over folds",
                       "best score": name, "value": float(col[name]), "low": low, "high": high,
                       "tied with": ", ".join(tied or []), "verdict": verdict})
@@ -648,7 +788,9 @@ TABLE_FILES = {"cases": "cases_all_folds.csv", "table1_ours": "table1_ours.csv",
                "prevalence": "failure_prevalence.csv",
                "volume_third_counts": "volume_thirds.csv",
                "volume_thirds": "auroc_by_volume_third.csv",
-               "added_value": "delta_vs_predicted_volume.csv"}
+               "added_value": "delta_vs_predicted_volume.csv",
+               "choice_stability": "choice_stability.csv",
+               "operating_point": "operating_point_carried_score.csv"}
 
 
 def write_tables(results_dir: str | Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
@@ -682,6 +824,8 @@ def table_links(paths: dict[str, Path], prefix: str = "../_static/tables/") -> s
               "prevalence": "failure prevalence",
               "volume_third_counts": "thirds of lesion volume",
               "volume_thirds": "AUROC within thirds of lesion volume",
-              "added_value": "difference from predicted lesion volume"}
+              "added_value": "difference from predicted lesion volume",
+              "choice_stability": "how often each score wins the choice",
+              "operating_point": "the carried score's operating point"}
     return "Download: " + ", ".join(f"[{labels[k]} (CSV)]({prefix}{p.name})"
                                     for k, p in paths.items())
