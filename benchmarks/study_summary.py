@@ -81,25 +81,46 @@ def main() -> None:
     where = "native grid" if "true_dice_grid" in test else "the table's own grid"
     print(f"## {args.results}: failure = lesion Dice ({where}) < {q}\n")
     print(per_fold.round(3).to_markdown())
+    spec, _ = report.choose_score(cases, scores)
     ranking = report.ranking_table(cases, scores, n_boot=n_boot, seed=profile.seed,
-                                   quality_threshold=q)
+                                   quality_threshold=q, chosen=spec)
     ranking["aurc_95"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
                           zip(ranking["aurc"], ranking["aurc_low"], ranking["aurc_high"],
                               strict=True)]
     ranking["auroc_95"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
                            zip(ranking["failure_auroc"], ranking["failure_auroc_low"],
                                ranking["failure_auroc_high"], strict=True)]
+    for tag in report.DELTA_REFERENCES:
+        for metric, short in (("failure_auroc", "dauroc"), ("aurc", "daurc")):
+            c = f"delta_{metric}_vs_{tag}"
+            ranking[f"{short}_vs_{tag}"] = [
+                f"{a:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(a) else "-"
+                for a, lo, hi in zip(ranking[c], ranking[f"{c}_low"], ranking[f"{c}_high"],
+                                     strict=True)]
     columns = ["auroc_95", "aurc_95", "eaurc"] + \
         [c for c in ("norm_aurc",) if c in ranking]
     print("\n" + ranking.sort_values("aurc")[columns].round(3).to_markdown())
-    print_chosen(cases, scores, settings, q)
+    deltas = [f"{s}_vs_{t}" for t in report.DELTA_REFERENCES for s in ("dauroc", "daurc")]
+    print("\nPaired differences (score minus reference, failure-stratified bootstrap 95 %):\n")
+    print(ranking.sort_values("aurc")[deltas].to_markdown())
+    print_chosen(cases, scores, settings, q, n_boot, profile.seed)
     print_triage(args.results, q)
 
 
-def print_chosen(cases: pd.DataFrame, scores, settings: dict, q: float) -> None:
-    """The score the evaluation chapter carries (chosen on pooled validation rows) and its
-    pooled test figures at each fold's validation-chosen threshold."""
+def print_chosen(cases: pd.DataFrame, scores, settings: dict, q: float, n_boot: int,
+                 seed: int) -> None:
+    """The score the evaluation chapter carries (chosen on pooled validation rows), how stable
+    that choice is, and its pooled test figures at each fold's validation-chosen threshold
+    with intervals (thresholds re-chosen in each resample, and held fixed)."""
+    from wmhqc_lib.qc import evaluation as ev
+
     spec, choice = report.choose_score(cases, scores)
+    stability = report.choice_stability(cases, scores, n_boot=n_boot, seed=seed)
+    print("\n" + report.stability_note(stability))
+    operating = {r: ev.operating_point(cases, spec, str(settings["select"]), n_boot=n_boot,
+                                       seed=seed, rechoose=r, quality_threshold=q)
+                 for r in (True, False)}
+    print("\n" + report.operating_point_table(operating[True], operating[False]).to_markdown())
     honest = report.compare(cases, [spec], select=str(settings["select"]),
                             quality_threshold=q)[spec.name]
     pooled = honest.pooled
