@@ -14,6 +14,8 @@
 #   make paper-fold                check-scale, then fold 1 of the paper profile end to end
 #                                  (BACKEND=jax where TensorFlow is absent); timing.txt
 #   make install GPU=1             CUDA TensorFlow for a GPU node
+#   make lock                      renew constraints.txt, the pinned versions make install uses
+#                                  (then review the diff, rerun the tests and the book, commit)
 #   make slurm PARTITION=gpu ACCOUNT=proj GPUS=1 TIME=12:00:00   SLURM job array, one task
 #                                  per fold (DRY_RUN=1: write scripts only; SLURM_ARGS=...)
 SHELL := /bin/bash
@@ -40,7 +42,7 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test lint reproduce reproduce-data reproduce-final lab slurm bench check-scale \
+.PHONY: install lock test lint reproduce reproduce-data reproduce-final lab slurm bench check-scale \
 	paper-fold synth clean help
 
 help:
@@ -48,13 +50,52 @@ help:
 
 install: $(STAMP)
 
-# Reinstalls only when pyproject.toml changes (or the CPU/GPU choice does).
-$(STAMP): pyproject.toml
+# The versions the book's numbers were made with, for every extra (cpu, gpu, jax): a pip
+# constraints file, so a pin applies only to what an extra installs. The gpu extra's
+# tensorflow has its own line there (the release of tensorflow-cpu); its nvidia-* wheels follow
+# TensorFlow's pins. CONSTRAINTS= installs the newest versions pyproject.toml allows.
+CONSTRAINTS ?= constraints.txt
+
+# Reinstalls only when pyproject.toml or the pins change (or the CPU/GPU choice does).
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRA),dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) \
+		|| { echo "make install: pip could not install the pinned versions of $(CONSTRAINTS)" \
+			"(see its header for the Python they were resolved on); \`make install" \
+			"CONSTRAINTS=\` installs unpinned, \`make lock\` renews the pins" >&2; exit 1; }
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# A fresh resolution of the newest versions pyproject.toml allows (cpu and dev extras) in a
+# throwaway environment, frozen into constraints.txt. Deliberate: run it, review
+# `git diff constraints.txt`, rerun `make test` and the book, then commit the file.
+LOCK_HEADER = \
+	"\# Pinned versions of every package \`make install\` puts into .venv (pip constraints: a pin" \
+	"\# applies only to a package an install actually needs). The book's numbers were made with" \
+	"\# exactly these versions; \`make install\` passes this file to pip with -c." \
+	"\# Resolved on Python $$py, $$plat, from the cpu and dev extras (pip itself unpinned);" \
+	"\# on another Python \`make install CONSTRAINTS=\` takes the newest versions, unpinned." \
+	"\# Renew deliberately: \`make lock\` (a fresh resolution in a throwaway environment), review" \
+	"\# \`git diff constraints.txt\`, rerun \`make test\` and the book, commit."
+LOCK_GPU = \
+	"\# The gpu extra (make install GPU=1) installs tensorflow[and-cuda] instead of tensorflow-cpu:" \
+	"\# the same release, so that GPU nodes run the version pinned above; its nvidia-* CUDA wheels" \
+	"\# are left to TensorFlow's own pins. The jax extra (BACKEND=jax) uses the jax and jaxlib pins" \
+	"\# above; on a GPU node install the jax CUDA plugin of that same release."
+lock:
+	@set -euo pipefail; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[cpu,dev]'; \
+	py=$$("$$tmp/venv/bin/python" -c "import platform; print(platform.python_version())"); \
+	plat=$$("$$tmp/venv/bin/python" -c "import platform; print(platform.system(), platform.machine())"); \
+	tf=$$("$$tmp/venv/bin/python" -c "from importlib.metadata import version; print(version('tensorflow-cpu'))"); \
+	{ printf '%s\n' $(LOCK_HEADER); \
+	  "$$tmp/venv/bin/python" -m pip freeze --all --exclude-editable | grep -viE '^(pip|wmhqc)( ?@|==)'; \
+	  printf '%s\n' $(LOCK_GPU) "tensorflow==$$tf"; } > constraints.txt.new; \
+	mv constraints.txt.new constraints.txt; \
+	echo "constraints.txt renewed: review git diff constraints.txt, rerun make test, commit"
 
 lint: install
 	$(BIN)/ruff check wmhqc_lib tests notebooks benchmarks

@@ -140,7 +140,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate one score; a score the registry knows keeps its direction and Dice scale unless
-    a flag says otherwise, so forgetting ``--lower-is-better`` cannot invert entropy."""
+    a flag says otherwise, so forgetting ``--lower-is-better`` cannot invert entropy. Without
+    ``--quality-threshold`` a case fails below the library's lesion-Dice default (the study's)."""
     import json
 
     from .qc import evaluation
@@ -160,7 +161,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluation.evaluate_folds(
         cases, args.score, threshold=args.threshold, select=args.select_threshold,
         higher_is_better=args.higher_is_better, dice_scale=args.dice_scale,
-        quality_threshold=args.quality_threshold, dice_column=args.dice_column)
+        quality_threshold=(evaluation.QUALITY_THRESHOLD if args.quality_threshold is None
+                           else args.quality_threshold),
+        dice_column=args.dice_column)
     report = {"file": str(args.cases), **result.to_dict()}
     print(json.dumps(report, indent=2, allow_nan=False))
     return 0
@@ -181,8 +184,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_triage(args: argparse.Namespace) -> int:
-    """The BIDS-App entry point; exit 0 when at least one scan was triaged, 1 when none was,
-    2 for unusable arguments, inputs or bundle."""
+    """The BIDS-App entry point; exit 0 when every scan has a verdict, 1 when none could be
+    triaged, 3 when it finished with some scans in error, 2 for unusable arguments, inputs or
+    bundle (see ``wmhqc_lib.deploy.triage``)."""
     from .deploy import bundle as bundle_mod
     from .deploy import triage
 
@@ -192,21 +196,22 @@ def cmd_triage(args: argparse.Namespace) -> int:
         table = triage.write_group(out, model)
         ok = int((table["status"] == "ok").sum())
         print(f"group outputs rebuilt from {len(table)} scan record(s) in {out}")
-        return 0 if ok else 1
+        if not ok:
+            return triage.EXIT_NONE
+        return triage.EXIT_OK if ok == len(table) else triage.EXIT_SOME_ERRORS
     if args.flair or args.t1:
         if not (args.flair and args.t1):
             raise ValueError("single-scan mode needs both --flair and --t1")
         scans = [triage.single_scan(args.flair, args.t1, args.participant_id)]
-        source = str(Path(args.flair).resolve().parent)
     elif args.manifest:
         scans = triage.scans_from_manifest(args.manifest)
-        source = str(Path(args.manifest).resolve())
     else:
         scans = triage.discover_bids(args.bids_dir, args.participant_label, args.session_label)
-        source = str(Path(args.bids_dir).resolve())
     if not scans:
         raise ValueError(f"{args.bids_dir}: no scan found to triage")
-    summary = triage.run_triage(model, scans, out, source=source, nprocs=args.nprocs,
+    # the raw dataset is the scans' root: the BIDS folder, or the deepest folder holding every
+    # input of a manifest or of --flair/--t1 (the records name the inputs relative to it)
+    summary = triage.run_triage(model, scans, out, nprocs=args.nprocs,
                                 progress=not args.quiet)
     flagged = int(summary.table["flagged"].eq(True).sum())
     print(f"triaged {summary.n_ok} scan(s) ({summary.mean_seconds:.1f} s per scan), "
@@ -418,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=None, help="the score predicts Dice: also report mae")
     scale.add_argument("--no-dice-scale", dest="dice_scale", action="store_const", const=False,
                        help="the score does not predict Dice: no mae")
-    p.add_argument("--quality-threshold", type=float, default=0.75,
-                   help="a case fails when its Dice is below this (default 0.75)")
+    p.add_argument("--quality-threshold", type=float, default=None,
+                   help="a case fails when its lesion Dice is below this (default 0.5, "
+                        "qc/evaluation.py's QUALITY_THRESHOLD, as in the study; the paper's "
+                        "0.75 was on two-class Dice)")
     p.add_argument("--dice-column", default="true_dice", help="default: true_dice")
     p.set_defaults(func=cmd_evaluate)
 
@@ -444,9 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="BIDS-App usage: wmhqc triage BIDS_DIR OUTPUT_DIR "
                                    "participant --model BUNDLE. Without BIDS: --manifest CSV "
                                    "or --flair F --t1 T (BIDS_DIR is then ignored; pass -). "
-                                   "Writes a BIDS derivative dataset with group_qc.tsv. Exit "
-                                   "status 0 when at least one scan was triaged, 1 when none "
-                                   "was, 2 for unusable arguments, inputs or bundle.")
+                                   "Writes a BIDS derivative dataset with group_qc.tsv; a "
+                                   "rerun redoes only scans without a verdict or whose bundle "
+                                   "or input files changed.",
+                       epilog="exit status: 0 every scan has a verdict; 1 no scan could be "
+                              "triaged; 2 unusable arguments, inputs or bundle; 3 finished, "
+                              "but some scans are in error (their records and group_qc.tsv "
+                              "say why).")
     p.add_argument("bids_dir", help="BIDS dataset root (or - with --manifest/--flair)")
     p.add_argument("output_dir", help="derivative dataset to write")
     p.add_argument("analysis_level", choices=("participant", "group"))

@@ -8,6 +8,7 @@ made of the smoke cohort's scans plus broken and foreign inputs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from wmhqc_lib import cli
 from wmhqc_lib.deploy import bundle as bundle_mod
 from wmhqc_lib.deploy import triage
-from wmhqc_lib.study.steps import FoldPaths
+from wmhqc_lib.study.steps import FoldPaths, file_digest
 
 # ---------------------------------------------------------------------------------------------
 # export and load
@@ -119,10 +120,14 @@ def test_manifest_and_single_scan_modes(smoke_manifest, tmp_path):
     assert [s.participant for s in scans] == [triage.bids_label(s) for s in
                                                smoke_manifest["subject_id"].head(3)]
     assert all(s.flair.is_file() and s.t1.is_file() for s in scans)
-    assert not any(s.from_bids for s in scans)  # their sidecars cite file URIs
+    assert not any(s.from_bids for s in scans)
+    # one root for all: the deepest folder holding every input, which outputs name them by
+    inputs = [Path(p) for c in ("flair", "t1") for p in smoke_manifest[c].head(3)]
+    assert {s.root for s in scans} == {Path(os.path.commonpath([p.parent for p in inputs]))}
     one = triage.single_scan(smoke_manifest["flair"].iloc[0], smoke_manifest["t1"].iloc[0],
                              "case_7")
     assert one.prefix == "sub-case7" and one.folder == Path("sub-case7/anat")
+    assert not Path(one.source).is_absolute()
     pd.DataFrame({"subject_id": ["a"], "flair": ["x"]}).to_csv(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['t1'\]"):
         triage.scans_from_manifest(tmp_path / "bad.csv")
@@ -135,7 +140,8 @@ def test_manifest_and_single_scan_modes(smoke_manifest, tmp_path):
 def test_each_bad_input_is_reported_and_the_others_go_on(triaged):
     summary, out = triaged
     table = summary.table.set_index("participant_id")
-    assert summary.exit_code == 0 and summary.n_ok == 5  # 4 good scans and the noise volume
+    assert summary.n_ok == 5  # 4 good scans and the noise volume
+    assert summary.exit_code == triage.EXIT_SOME_ERRORS == 3  # finished, some in error
     reasons = {
         "sub-badnan": "NaN", "sub-badempty": "all voxels are zero", "sub-bad4d": "3D volume",
         "sub-badtrunc": "truncated", "sub-badnot1": "no matching",
@@ -181,6 +187,191 @@ def test_outputs_are_on_the_native_grid_with_sidecars(triaged, bids_input):
         float((np.asarray(mask.dataobj) > 0).sum()) * np.prod(mask.header.get_zooms()) / 1000)
     assert 0.0 <= record["folds_flagging"] <= 1.0
     assert record["predicted_dice"] is not None
+
+
+def test_records_say_what_was_scored_on_the_delivered_mask(triaged):
+    """Every fold's values are in the record, with which scores read the delivered mask and
+    which the fold's own samples; the predicted Dice people see lies in [0, 1]."""
+    summary, out = triaged
+    tsv = pd.read_csv(out / triage.GROUP_TSV, sep="\t", na_values="n/a", keep_default_na=False)
+    ok = tsv[tsv["status"] == "ok"]
+    assert len(ok) == summary.n_ok and ok["predicted_dice"].between(0.0, 1.0).all()
+    for rel in summary.table.loc[summary.table["status"] == "ok", "record"]:
+        rec = json.loads((out / rel).read_text())
+        assert rec["predicted_dice"] == pytest.approx(min(1.0, max(0.0,
+                                                                   rec["predicted_dice_raw"])))
+        assert all(0.0 <= v <= 1.0 for v in rec["predicted_dice_range"])
+        assert set(rec["scores_of_fold_samples"]) == set(triage.MASK_FREE_SCORES)
+        assert rec["qc_score_name"] in rec["scores_on_delivered_mask"] + \
+            rec["scores_of_fold_samples"]
+        fold_scores = rec["per_fold"][0]["scores"]
+        assert set(fold_scores) == set(rec["scores_on_delivered_mask"]) | set(
+            rec["scores_of_fold_samples"])
+        assert rec["empty_segmentation"] is (rec["lesion_ml"] == 0.0)
+        assert rec["bundle"]["manifest_sha256"] and set(rec["inputs_sha256"]) == {"flair", "t1"}
+
+
+def test_an_empty_delivered_mask_is_flagged_when_written(smoke_bundle, bids_input, tmp_path):
+    """The mask delivered is the one on the native grid: written empty, the scan is flagged
+    even where the record made on the profile grid was not."""
+    from wmhqc_lib.data.preprocess import preprocess_scan
+
+    scan = next(s for s in triage.discover_bids(bids_input) if s.prefix == "sub-01")
+    case = preprocess_scan(scan.prefix, scan.flair, scan.t1, smoke_bundle.preprocess_settings)
+    zeros = np.zeros(case.brain.shape, np.float32)
+    record = {"status": "ok", "flagged": False, "reason": "", "empty_segmentation": False,
+              "qc_score_name": "x"}
+    rec = triage.write_scan(tmp_path, scan, triage.ScanResult(record, zeros, zeros, zeros, case),
+                            1.0)
+    assert rec["flagged"] is True and rec["empty_segmentation"] is True
+    assert rec["reason"] == triage.EMPTY_REASON and rec["lesion_ml"] == 0.0
+    assert json.loads((tmp_path / scan.output("record")).read_text()) == rec
+
+
+# ---------------------------------------------------------------------------------------------
+# where the inputs are: named relative to the raw dataset, never by their location
+
+
+def _text_outputs(out: Path) -> list[Path]:
+    """Records, sidecars, group_qc.tsv and the pages: every text output but the dataset
+    description, which alone may say where the inputs lie."""
+    return [p for p in sorted(out.rglob("*")) if p.is_file()
+            and p.suffix in (".json", ".tsv", ".html") and p.name != "dataset_description.json"]
+
+
+def _spellings(folder: Path) -> set[str]:
+    return {str(folder), os.path.abspath(folder), str(folder.resolve())}
+
+
+def test_no_output_but_the_dataset_description_says_where_the_inputs_are(triaged, bids_input):
+    _, out = triaged
+    files = _text_outputs(out)
+    assert {p.suffix for p in files} == {".json", ".tsv", ".html"}
+    for path in files:
+        text = path.read_text()
+        for spelling in _spellings(bids_input):
+            assert spelling not in text, path
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"]["raw"] == Path(os.path.abspath(bids_input)).as_uri()
+    record = json.loads((out / "sub-03/ses-A/anat/sub-03_ses-A_desc-wmhqc_qc.json").read_text())
+    assert record["inputs"] == {"flair": "bids:raw:sub-03/ses-A/anat/sub-03_ses-A_FLAIR.nii.gz",
+                                "t1": "bids:raw:sub-03/ses-A/anat/sub-03_ses-A_T1w.nii.gz"}
+    error = json.loads((out / "sub-badnan/anat/sub-badnan_desc-wmhqc_qc.json").read_text())
+    assert error["reason"].startswith("sub-badnan/anat/sub-badnan_FLAIR.nii.gz: ")
+
+
+def test_manifest_inputs_are_named_relative_to_the_folder_that_holds_them(smoke_bundle,
+                                                                         bids_input, tmp_path):
+    inputs, lists = tmp_path / "hospital", tmp_path / "lists"
+    for sub, folder in (("sub-01", "a"), ("sub-badtrunc", "b")):
+        (inputs / folder).mkdir(parents=True)
+        for suffix in ("FLAIR", "T1w"):
+            shutil.copy(bids_input / sub / "anat" / f"{sub}_{suffix}.nii.gz",
+                        inputs / folder / f"{suffix.lower()}.nii.gz")
+    lists.mkdir()
+    pd.DataFrame({"subject_id": ["case_a", "case_b"],
+                  "flair": [str(inputs / f / "flair.nii.gz") for f in "ab"],
+                  "t1": [str(inputs / f / "t1w.nii.gz") for f in "ab"]}
+                 ).to_csv(lists / "m.csv", index=False)
+    out = tmp_path / "out"
+    summary = triage.run_triage(smoke_bundle, triage.scans_from_manifest(lists / "m.csv"), out,
+                                progress=False, log=lambda _: None)
+    assert summary.n_ok == 1 and summary.n_error == 1
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"]["raw"] == inputs.as_uri()
+    sidecar = json.loads((out / "sub-casea/anat/sub-casea_space-orig_label-WMH_mask.json")
+                         .read_text())
+    assert sidecar["Sources"] == ["bids:raw:a/flair.nii.gz"]
+    table = summary.table.set_index("participant_id")
+    assert table.loc["sub-caseb", "reason"].startswith("b/flair.nii.gz: ")
+    for path in _text_outputs(out):
+        text = path.read_text()
+        for spelling in _spellings(inputs) | _spellings(lists):
+            assert spelling not in text, path
+    page = (out / "sub-casea.html").read_text()
+    assert "not found" not in page and page.count("data:image/png") == 4  # FLAIR found
+
+
+# ---------------------------------------------------------------------------------------------
+# reruns and errors on a small dataset of its own
+
+
+def _small_bids(bids_input: Path, root: Path, subjects: tuple[str, ...]) -> Path:
+    root.mkdir(parents=True)
+    shutil.copy(bids_input / "dataset_description.json", root)
+    for sub in subjects:
+        shutil.copytree(bids_input / sub, root / sub)
+    return root
+
+
+def test_a_rerun_redoes_a_scan_whose_bundle_or_input_changed(smoke_bundle, bids_input,
+                                                            tmp_path):
+    raw = _small_bids(bids_input, tmp_path / "raw", ("sub-01", "sub-02"))
+    out = tmp_path / "out"
+
+    def run() -> triage.TriageSummary:
+        return triage.run_triage(smoke_bundle, triage.discover_bids(raw), out, progress=False,
+                                 log=lambda _: None)
+
+    def record(sub: str) -> Path:
+        return out / sub / "anat" / f"{sub}_desc-wmhqc_qc.json"
+
+    assert run().n_ok == 2
+    rec = json.loads(record("sub-01").read_text())
+    anat = raw / "sub-01" / "anat"
+    assert rec["bundle"]["manifest_sha256"] == file_digest(smoke_bundle.root / "manifest.json")
+    assert rec["inputs_sha256"] == {"flair": file_digest(anat / "sub-01_FLAIR.nii.gz"),
+                                    "t1": file_digest(anat / "sub-01_T1w.nii.gz")}
+    again = run()
+    assert (again.n_ok, again.n_skipped, again.exit_code) == (0, 2, 0)
+    # sub-01: another T1 (the same image with another header); sub-02: another bundle's record
+    t1 = nib.load(anat / "sub-01_T1w.nii.gz")
+    t1.header["descrip"] = b"edited"
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine, t1.header),
+             anat / "sub-01_T1w.nii.gz")
+    rec2 = json.loads(record("sub-02").read_text())
+    rec2["bundle"]["manifest_sha256"] = "0" * 64
+    record("sub-02").write_text(json.dumps(rec2))
+    redone = run()
+    assert (redone.n_ok, redone.n_skipped) == (2, 0)
+    assert json.loads(record("sub-01").read_text())["inputs_sha256"]["t1"] == \
+        file_digest(anat / "sub-01_T1w.nii.gz")
+    # a record from before the digests were kept is redone
+    rec = json.loads(record("sub-01").read_text())
+    del rec["inputs_sha256"]
+    record("sub-01").write_text(json.dumps(rec))
+    last = run()
+    assert (last.n_ok, last.n_skipped) == (1, 1)
+
+
+def test_an_error_in_one_scan_becomes_its_record_and_the_others_go_on(smoke_bundle, bids_input,
+                                                                     tmp_path, monkeypatch):
+    raw = _small_bids(bids_input, tmp_path / "raw", ("sub-01", "sub-02", "sub-03"))
+    triage_case, write_scan = triage.triage_case, triage.write_scan
+
+    def failing_case(bundle, models, case):
+        if case.subject_id == "sub-02":
+            raise RuntimeError("out of memory, say")
+        return triage_case(bundle, models, case)
+
+    def failing_write(out_dir, scan, result, seconds, provenance=None):
+        if scan.prefix == "sub-03_ses-A":
+            raise KeyError("files")
+        return write_scan(out_dir, scan, result, seconds, provenance)
+
+    monkeypatch.setattr(triage, "triage_case", failing_case)
+    monkeypatch.setattr(triage, "write_scan", failing_write)
+    lines: list[str] = []
+    summary = triage.run_triage(smoke_bundle, triage.discover_bids(raw), tmp_path / "out",
+                                progress=False, log=lines.append)
+    assert (summary.n_ok, summary.n_error, summary.exit_code) == (2, 2, 3)
+    table = summary.table.set_index(["participant_id", "session_id"])
+    assert table.loc[("sub-02", "n/a"), "reason"] == "RuntimeError: out of memory, say"
+    assert table.loc[("sub-03", "ses-A"), "reason"] == "KeyError: 'files'"
+    assert table.loc[("sub-01", "n/a"), "status"] == table.loc[("sub-03", "ses-B"), "status"] \
+        == "ok"
+    assert not list((tmp_path / "out" / "sub-03" / "ses-A" / "anat").glob("*.nii.gz"))
+    assert any("sub-02: error: RuntimeError" in line for line in lines)
 
 
 def test_a_rerun_skips_finished_scans_and_redoes_an_unfinished_one(triaged, smoke_bundle,
@@ -235,6 +426,16 @@ def test_cli_exit_codes(smoke_bundle, bids_input, tmp_path, capsys):
     code = cli.main(["triage", str(bids_input), str(out), "group", "--model",
                      str(smoke_bundle.root)])
     assert code == 1
+    code = cli.main(["triage", str(bids_input), str(out), "participant", "--model",
+                     str(smoke_bundle.root), "--participant-label", "01", "badnan", "--quiet"])
+    assert code == 3  # finished, one scan in error
+    code = cli.main(["triage", str(bids_input), str(out), "group", "--model",
+                     str(smoke_bundle.root)])
+    assert code == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["triage", "-h"])
+    assert "3 finished, but some scans are in error" in " ".join(capsys.readouterr().out.split())
     code = cli.main(["triage", "-", str(out), "participant", "--model",
                      str(tmp_path / "nothing")])
     assert code == 2 and "not a wmhqc model bundle" in capsys.readouterr().err

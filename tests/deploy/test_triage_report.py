@@ -12,7 +12,9 @@ import fnmatch
 import html
 import json
 import re
+import shutil
 from html.parser import HTMLParser
+from multiprocessing import get_context
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -204,13 +206,43 @@ def test_pages_are_self_contained_valid_and_labelled_synthetic(triaged, smoke_bu
     assert all(any(fnmatch.fnmatch(p.name, pat) for pat in patterns) for p in pages)
 
 
-def test_reports_are_deterministic_and_escape_text(triaged, smoke_bundle, tmp_path):
+class _CountingPool:
+    """A process pool that counts the calls handed to it (so the test knows the pages were
+    drawn in its workers, not here)."""
+
+    def __init__(self, pool):
+        self.pool, self.calls = pool, 0
+
+    def imap(self, fn, jobs):
+        self.calls += 1
+        return self.pool.imap(fn, jobs)
+
+
+def test_pages_drawn_in_worker_processes_and_in_one_are_the_same_bytes(triaged, smoke_bundle,
+                                                                      tmp_path):
+    """The same records drawn twice into copies of the output: by a spawn pool's workers and
+    in this process (``pool=None``); every page is the same bytes."""
     _, out = triaged
     table = triage.group_table(out)
-    before = {p.name: p.read_bytes() for p in _pages(out)}
-    written = triage_report.write_reports(out, table, smoke_bundle)
-    assert sorted(p.name for p in written) == sorted(before)
-    assert {p.name: p.read_bytes() for p in _pages(out)} == before
+    assert table["participant_id"].nunique() > 1  # more than one page for the workers
+    folders = {name: tmp_path / name for name in ("workers", "here")}
+    for folder in folders.values():
+        shutil.copytree(out, folder, ignore=shutil.ignore_patterns("*.html"))
+    with get_context("spawn").Pool(2) as pool:
+        counting = _CountingPool(pool)
+        in_workers = triage_report.write_reports(folders["workers"], table, smoke_bundle,
+                                                 counting)
+    assert counting.calls == 1
+    here = triage_report.write_reports(folders["here"], table, smoke_bundle, None)
+    assert sorted(p.name for p in in_workers) == sorted(p.name for p in here)
+    pages = {name: {p.name: p.read_bytes() for p in _pages(folder)}
+             for name, folder in folders.items()}
+    assert len(pages["here"]) == table["participant_id"].nunique() + 1
+    assert pages["workers"] == pages["here"]
+    assert "not found" not in (folders["here"] / "sub-01.html").read_text()  # FLAIR drawn
+
+
+def test_record_text_is_escaped(smoke_bundle, tmp_path):
     # text from a record is escaped, never markup
     record = {"status": "error", "source": "<b>x</b>", "reason": "bad <script>alert(1)</script>"}
     section = triage_report.scan_section(tmp_path, "sub-x", record, smoke_bundle)

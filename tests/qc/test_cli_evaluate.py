@@ -226,3 +226,29 @@ def test_threshold_or_rule_is_required(tmp_path, capsys):
         main(["evaluate", str(path), "--score", "dr_error"])
     assert info.value.code == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_without_a_quality_threshold_a_case_fails_below_lesion_dice_half(tmp_path, capsys):
+    """The CLI's default is the study's lesion-Dice threshold 0.5, not the paper's two-class
+    0.75: a case with Dice 0.6 has not failed."""
+    path = tmp_path / "cases.csv"
+    pd.DataFrame({"true_dice": [0.6, 0.6, 0.9, 0.3],
+                  "dr_error": [0.1, 0.8, 0.9, 0.2]}).to_csv(path, index=False)
+    code, out, _ = run(capsys, str(path), "--score", "dr_error", "--threshold", "0.5")
+    report = json.loads(out)
+    assert code == 0 and report["quality_threshold"] == 0.5
+    assert report["n_failed"] == 1  # only Dice 0.3
+    assert (report["n_flagged"], report["n_true_positive"]) == (2, 1)  # Dice 0.6 flagged: FP
+    assert report["precision"] == pytest.approx(0.5) and report["recall"] == pytest.approx(1.0)
+    code, out, _ = run(capsys, str(path), "--score", "dr_error", "--threshold", "0.5",
+                       "--quality-threshold", "0.75")
+    assert code == 0 and json.loads(out)["n_failed"] == 3  # asked for: both 0.6 cases fail
+
+
+def test_help_names_the_default_quality_threshold(capsys):
+    from wmhqc_lib.qc.evaluation import QUALITY_THRESHOLD
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {QUALITY_THRESHOLD:g}," in text and "default 0.75" not in text

@@ -16,7 +16,9 @@ from wmhqc_lib.qc import evaluation as ev
 from wmhqc_lib.qc.evaluation import METRIC_NAMES, evaluate_score
 
 # Hand example, quality threshold 0.75, score higher-is-better, threshold 0.5 (flag s < 0.5):
-# TP: A B H; FP: D; FN: C J; TN: E F G I.
+# TP: A B H; FP: D; FN: C J; TN: E F G I. The library's default quality threshold is lesion
+# Dice 0.5, so the tests built on this example pass HAND_QUALITY explicitly.
+HAND_QUALITY = 0.75
 HAND = pd.DataFrame({
     "subject_id": list("ABCDEFGHIJ"),
     "true_dice": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.85, 0.4, 0.88, 0.72],
@@ -41,7 +43,7 @@ def fold_cases(seed: int = 0, n_folds: int = 3, n_test: int = 20, n_val: int = 1
 
 
 def test_confusion_metrics_on_a_hand_example():
-    m = evaluate_score(HAND, "score", 0.5, higher_is_better=True)
+    m = evaluate_score(HAND, "score", 0.5, higher_is_better=True, quality_threshold=HAND_QUALITY)
     assert list(m) == list(METRIC_NAMES)
     assert (m["n_cases"], m["n_failed"], m["n_flagged"], m["n_true_positive"]) == (10, 5, 4, 3)
     assert m["precision"] == pytest.approx(3 / 4)  # TP / (TP + FP)
@@ -58,13 +60,26 @@ def test_confusion_metrics_on_a_hand_example():
     assert math.isnan(m["mae"])  # not a Dice-scale score
 
 
+def test_default_quality_threshold_is_the_studys_lesion_dice():
+    """Every default of the library fails a case below lesion Dice 0.5, as the study does."""
+    from wmhqc_lib.config import load_profile, profile_names
+
+    assert ev.QUALITY_THRESHOLD == 0.5
+    for name in profile_names():
+        assert load_profile(name).section("evaluation")["quality_threshold"] == \
+            ev.QUALITY_THRESHOLD, name
+    d = HAND["true_dice"]
+    assert evaluate_score(HAND, "score", 0.5, higher_is_better=True)["n_failed"] == (d < 0.5).sum()
+
+
 def test_ranking_metrics_match_scipy_and_sklearn():
     d, s = HAND["true_dice"], HAND["score"]
-    m = evaluate_score(HAND, "score", 0.5, higher_is_better=True, dice_scale=True)
+    m = evaluate_score(HAND, "score", 0.5, higher_is_better=True, dice_scale=True,
+                       quality_threshold=HAND_QUALITY)
     r, p = stats.pearsonr(s, d)
     assert m["pearson_r"] == pytest.approx(r) and m["pearson_p"] == pytest.approx(p)
     assert m["spearman_r"] == pytest.approx(stats.spearmanr(s, d).statistic)
-    assert m["failure_auroc"] == pytest.approx(roc_auc_score(d < 0.75, -s))
+    assert m["failure_auroc"] == pytest.approx(roc_auc_score(d < HAND_QUALITY, -s))
     assert m["mae"] == pytest.approx(np.mean(np.abs(s - d)))
 
 
@@ -208,11 +223,11 @@ def test_empty_denominators_are_nan_never_zero_or_one():
     assert math.isnan(every["paper_recall"]) and math.isnan(every["mean_dice_after"])
     assert math.isnan(every["median_dice_after"]) and every["review_fraction"] == 1.0
     good = HAND.assign(true_dice=HAND["true_dice"].clip(lower=0.8))  # no failed case
-    m = evaluate_score(good, "score", 0.5, higher_is_better=True)
+    m = evaluate_score(good, "score", 0.5, higher_is_better=True, quality_threshold=HAND_QUALITY)
     assert math.isnan(m["recall"]) and math.isnan(m["missed_failure_fraction"])
     assert math.isnan(m["failure_auroc"]) and m["precision"] == 0.0
     bad = HAND.assign(true_dice=HAND["true_dice"].clip(upper=0.7))  # only failed cases
-    m = evaluate_score(bad, "score", 0.5, higher_is_better=True)
+    m = evaluate_score(bad, "score", 0.5, higher_is_better=True, quality_threshold=HAND_QUALITY)
     assert math.isnan(m["paper_precision"]) and math.isnan(m["failure_auroc"])
     flat = HAND.assign(score=0.5)
     m = evaluate_score(flat, "score", 0.4, higher_is_better=True)
@@ -276,11 +291,12 @@ def test_failure_roc_and_workload_curves():
         pytest.approx(m["aurc"] - m["eaurc"])
 
 
-def _brute_force_threshold(d: np.ndarray, s: np.ndarray, rule: str) -> float:
+def _brute_force_threshold(d: np.ndarray, s: np.ndarray, rule: str,
+                           quality: float = 0.75) -> float:
     """Try every candidate; best criterion, then fewest flagged (scikit-learn's F1)."""
     u = np.unique(s)
     cands = [u[0], *((u[:-1] + u[1:]) / 2), np.nextafter(u[-1], np.inf)]
-    failed = d < 0.75
+    failed = d < quality
     best = None
     for t in cands:
         flagged = s < t
@@ -302,12 +318,12 @@ def test_threshold_selection_matches_brute_force(rule):
     for seed in range(4):
         val = fold_cases(seed=seed, n_folds=1)
         val = val[val["split"] == "val"]
-        chosen = ev.select_threshold(val, "dr_error", rule)
+        chosen = ev.select_threshold(val, "dr_error", rule, quality_threshold=0.75)
         want = _brute_force_threshold(val["true_dice"].to_numpy(), val["dr_error"].to_numpy(),
-                                      rule)
+                                      rule, 0.75)
         assert chosen == pytest.approx(want)
         flipped = ev.select_threshold(val.assign(dr_error=-val["dr_error"]), "dr_error", rule,
-                                      higher_is_better=False)
+                                      higher_is_better=False, quality_threshold=0.75)
         assert flipped == pytest.approx(-chosen)
 
 
@@ -512,10 +528,12 @@ def test_failure_auroc_matches_evaluate_score_and_is_nan_for_one_class():
     test = ev.scored_rows(fold_cases(seed=9))
     for name in ("dr_error", "mean_entropy_lesion"):
         assert ev.failure_auroc(test, name) == evaluate_score(test, name, 0.5)["failure_auroc"]
-    assert ev.failure_auroc(HAND, "score", higher_is_better=True) == pytest.approx(
-        roc_auc_score(HAND["true_dice"] < 0.75, -HAND["score"]))
-    good = HAND[HAND["true_dice"] >= 0.75]
-    assert math.isnan(ev.failure_auroc(good, "score", higher_is_better=True))
+    assert ev.failure_auroc(HAND, "score", higher_is_better=True,
+                            quality_threshold=HAND_QUALITY) == pytest.approx(
+        roc_auc_score(HAND["true_dice"] < HAND_QUALITY, -HAND["score"]))
+    good = HAND[HAND["true_dice"] >= HAND_QUALITY]
+    assert math.isnan(ev.failure_auroc(good, "score", higher_is_better=True,
+                                       quality_threshold=HAND_QUALITY))
     assert math.isnan(ev.failure_auroc(HAND.iloc[:1], "score", higher_is_better=True))
 
 

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 
 from wmhqc_lib.qc import explorer
-from wmhqc_lib.qc.evaluation import evaluate_score, flag_cases
+from wmhqc_lib.qc.evaluation import QUALITY_THRESHOLD, evaluate_score, flag_cases
 from wmhqc_lib.qc.explorer import OUTCOME_COLORS
 
 CAUGHT, NEEDLESS, MISSED, KEPT = OUTCOME_COLORS.values()
@@ -71,7 +71,7 @@ def test_static_figure_starts_at_a_given_threshold():
     assert f"TP {m['n_true_positive']}," in fig.layout.title.text
     assert list(fig.data[0].marker.color) == list(slider.steps[slider.active].args[0]
                                                   ["marker.color"][0])
-    assert fig.layout.shapes[1].y0 == 0.75  # the quality threshold line
+    assert fig.layout.shapes[1].y0 == QUALITY_THRESHOLD  # the quality threshold line (default)
 
 
 def test_view_renders_static_by_default_and_a_widget_on_request(capsys):

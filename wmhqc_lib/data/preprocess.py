@@ -589,9 +589,9 @@ def native_dice(volume: np.ndarray, case: PreprocessedCase | Mapping,
     ``volume`` is a probability (or a binary mask as 0/1): it is resampled linearly onto the
     native FLAIR grid and cut at 0.5 there (:func:`map_to_native`). ``two_class``: the
     paper code's mean of background and lesion Dice, on the same grid. An empty reference
-    scores 1 only when the mapped prediction is empty too (:mod:`wmhqc_lib.qc.metrics`).
+    scores 1 only when the mapped prediction is empty too (:mod:`wmhqc_lib.overlap`).
     """
-    from ..qc.metrics import dice, two_class_dice
+    from ..overlap import dice, two_class_dice
 
     pred = np.asarray(map_to_native(volume, case, target_affine=reference.affine,
                                     target_shape=reference.lesion.shape).dataobj) > 0.5

@@ -908,12 +908,15 @@ def generate_new_scans(out: str | Path, truth_dir: str | Path, profile: Profile,
                        n_known: int, n_unseen: int, n_artefact: int,
                        workers: int | None = None) -> pd.DataFrame:
     """New synthetic scans as a BIDS raw dataset under ``out`` (``sub-NN/anat/sub-NN_FLAIR``
-    and ``_T1w``), for triage; their lesion masks go to ``truth_dir`` (never into the dataset
-    triage reads). ``n_known`` subjects come from the study's sites (planned with ``seed``, not
-    the study's), ``n_unseen`` from :data:`UNSEEN_SITE`, ``n_artefact`` from the study's sites
-    with :func:`add_bright_artefact` on the FLAIR. Returns one row per scan: label, kind, site,
-    truth mask path, simulated lesion ml. Each scan has its own random stream, so ``workers``
-    processes (default: the profile's ``synth.workers``) write the same files as one."""
+    and ``_T1w``), for triage; their label maps go to ``truth_dir`` (never into the dataset
+    triage reads): 1 lesion, 2 other pathology, kept so that scoring can ignore label-2 voxels
+    as the study's lesion Dice does (``triage.score_against_truth``). ``n_known`` subjects
+    come from the study's sites (planned with ``seed``, not the study's), ``n_unseen`` from
+    :data:`UNSEEN_SITE`, ``n_artefact`` from the study's sites with
+    :func:`add_bright_artefact` on the FLAIR. Returns one row per scan: label, kind, site,
+    truth label map path, simulated lesion (label 1) ml. Each scan has its own random
+    stream, so ``workers`` processes (default: the profile's ``synth.workers``) write the same
+    files as one."""
     out, truth_dir = Path(out), Path(truth_dir)
     if seed == profile.seed:
         raise ValueError(f"seed {seed} is the study's own: new scans need another seed")
@@ -958,8 +961,10 @@ def _new_scan(job: tuple[int, SubjectPlan, str, SynthSettings, int, Path, Path])
     folder = out / f"sub-{label}" / "anat"
     _save(flair, acq.flair_affine, folder / f"sub-{label}_FLAIR.nii.gz")
     _save(acq.t1, acq.t1_affine, folder / f"sub-{label}_T1w.nii.gz")
-    truth = truth_dir / f"sub-{label}_label-WMH_mask.nii.gz"
-    _save((acq.mask == 1).astype(np.uint8), acq.flair_affine, truth)
+    # the label map, not the lesion mask alone: a prediction inside other pathology (label 2)
+    # is no false positive in the study's Dice, so scoring must see where label 2 is
+    truth = truth_dir / f"sub-{label}_desc-truth_dseg.nii.gz"
+    _save(acq.mask.astype(np.uint8), acq.flair_affine, truth)
     voxel_ml = float(abs(np.linalg.det(acq.flair_affine[:3, :3]))) / 1000.0
     return {"participant_id": f"sub-{label}", "kind": kind,
             "dataset": site.dataset, "site": site.site, "truth": str(truth),

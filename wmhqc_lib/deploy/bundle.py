@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ..config import PreprocessSettings, Profile, load_profile, profile_names
 from ..data import cohort, preprocess
 from ..qc import evaluation as ev
 from ..study import report
+from ..study.environment import code_version
 from ..study.steps import FoldPaths, file_digest
 
 # ``qc.regression`` is imported where it is used: it loads Keras and TensorFlow (10 s), and
@@ -99,28 +99,6 @@ class Bundle:
     def dr_models(self) -> list[str]:
         """Names of the Dice regressors in every fold (``dr_image``, ``dr_error_widened``...)."""
         return list(self.info["dice_regressors"])
-
-
-def code_version() -> str:
-    """The package version and, in a git checkout, the commit (``-dirty`` with local edits)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        text = version("wmhqc")
-    except PackageNotFoundError:
-        text = "unknown"
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=True
-                                ).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no", "--", "wmhqc_lib"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        text += f"+g{commit}" + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return text
 
 
 def profile_of(results_dir: str | Path, profile: str | Profile | None) -> Profile:

@@ -13,6 +13,10 @@ of the triage output dataset (``*.html`` is in its ``.bidsignore``):
 Pages are self-contained (inline CSS, PNG figures as base64 data URIs, the group plot as inline
 SVG), so they open from ``file://`` or any server and make no network request; hospitals often
 have none. Given the same records, bundle and images they are byte-identical.
+
+Inputs appear by their names relative to the raw dataset (``bids:raw:...``), as in the records;
+the FLAIR behind a figure is found through the derivative's ``DatasetLinks.raw``. This module
+reads records (:mod:`.records`) and never imports :mod:`.triage`, which calls it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from matplotlib.figure import Figure
 
 from ..study.plots import diverging_limit
 from .bundle import Bundle
-from .triage import RECORD_SUFFIX, out_of_distribution
+from .records import RECORD_SUFFIX, clip_dice, out_of_distribution, resolve_input
 
 GROUP_HTML = "group_qc.html"
 #: Okabe-Ito colours, readable with colour-vision deficiency.
@@ -79,7 +83,7 @@ def write_reports(out_dir: Path, table: pd.DataFrame, bundle: Bundle,
                   pool: Pool | None = None) -> list[Path]:
     """Write every participant's page and the group page; return their paths.
 
-    ``table`` is :func:`triage.group_table` of ``out_dir`` (one row per scan record). With a
+    ``table`` is ``triage.group_table`` of ``out_dir`` (one row per scan record). With a
     process ``pool`` the participants' pages (three brain figures per scan, about a second
     each) are drawn in its workers; the pages are the same bytes either way."""
     out_dir = Path(out_dir)
@@ -225,15 +229,16 @@ def _folds_text(rec: dict) -> str:
 
 
 def _predicted_text(rec: dict) -> str:
+    """The predicted Dice in [0, 1] (clipped here too, for records written before it was)."""
     dice = rec.get("predicted_dice")
     if not _finite(dice):
         return "not available (the bundle has no Dice regressor)"
-    text = f"{dice:.2f}"
+    text = f"{clip_dice(dice):.2f}"
     if _finite(rec.get("predicted_dice_sd")):
         text += f" ± {rec['predicted_dice_sd']:.2f} (SD over fold models"
         rng = rec.get("predicted_dice_range") or []
         if len(rng) == 2 and all(_finite(v) for v in rng):
-            text += f"; range {rng[0]:.2f} to {rng[1]:.2f}"
+            text += f"; range {clip_dice(rng[0]):.2f} to {clip_dice(rng[1]):.2f}"
         text += ")"
     return text
 
@@ -311,10 +316,11 @@ _BRAIN_PANELS = (
 def brain_figures(out_dir: Path, rec: dict) -> str:
     """The three map figures of a scan as HTML; a note in place of any that cannot be drawn
     (a moved input, a deleted map), so one missing file does not cost the whole report."""
-    files, flair_path = rec.get("files") or {}, (rec.get("inputs") or {}).get("flair")
+    files = rec.get("files") or {}
+    flair_path = resolve_input(out_dir, (rec.get("inputs") or {}).get("flair"))
     parts = []
     flair = None
-    if flair_path and Path(flair_path).is_file():
+    if flair_path is not None and flair_path.is_file():
         flair = nib.load(flair_path)
     else:
         parts.append(f'<p class="note">Input FLAIR {_esc(rec.get("source", ""))} not found '
@@ -482,7 +488,9 @@ def _facts(rec: dict, bundle: Bundle) -> str:
                          f"models; {direction} is better)"),
             ("Folds flagging", _folds_text(rec)),
             ("Predicted Dice", _predicted_text(rec)),
-            ("Lesion volume", f"{_num(rec.get('lesion_ml'), '.1f')} ml"),
+            ("Lesion volume", f"{_num(rec.get('lesion_ml'), '.1f')} ml"
+                              + (" (nothing segmented)" if rec.get("empty_segmentation")
+                                 else "")),
             ("Out of distribution", "yes" if rec.get("out_of_distribution") else "no"),
             ("Input", rec.get("source", "n/a")),
             ("Triage time", f"{_num(rec.get('seconds'), '.1f')} s")]
@@ -511,8 +519,19 @@ def _per_fold_table(rec: dict) -> str:
                    for f in rec.get("per_fold") or [])
     if not rows:
         return ""
+    name = rec.get("qc_score_name")
+    if name in (rec.get("scores_of_fold_samples") or []):
+        note = ("Each fold model's QC score reads its own MC samples (no mask); the delivered "
+                "segmentation is the mean of the fold models' MC means cut at 0.5.")
+    elif name in (rec.get("scores_on_delivered_mask") or []):
+        note = ("Each fold model's QC score is computed on the delivered segmentation (the mean "
+                "of the fold models' MC means cut at 0.5), with that fold's own networks and "
+                "MC maps.")
+    else:
+        note = ""
     return ("<h3>Per fold model</h3><table><tr><th>fold</th><th>threshold</th><th>QC score</th>"
-            f"<th>flags</th></tr>{rows}</table>")
+            f"<th>flags</th></tr>{rows}</table>"
+            + (f'<p class="note">{_esc(note)}</p>' if note else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +569,7 @@ def _group_table(table: pd.DataFrame) -> str:
         verdict = {"review": "review", "pass": "no review", "error": "—"}[_status_class(row)]
         cells = [f'<a href="{_scan_link(row.participant_id, row.record)}">'
                  f"{_esc(row.participant_id)}</a>", _esc(row.session_id), _esc(row.status),
-                 verdict, _num(row.qc_score, ".4g"), _num(row.predicted_dice, ".2f"),
+                 verdict, _num(row.qc_score, ".4g"), _num(clip_dice(row.predicted_dice), ".2f"),
                  _num(row.folds_flagging, ".0%"), _num(row.lesion_ml, ".1f"),
                  _esc(row.reason or "")]
         rows.append(f'<tr class="{_status_class(row)}">'

@@ -2,17 +2,35 @@
 
 Inputs: a BIDS dataset (``sub-*/[ses-*/]anat/*_FLAIR.nii[.gz]`` with the matching ``*_T1w``),
 a manifest CSV (``subject_id``, ``flair``, ``t1``; as ``wmhqc data index`` writes) or one
-FLAIR/T1 pair. Per scan: the study's preprocessing; every fold model's MC inference,
-reconstruction error maps and Dice regressors; the segmentation is the mean of the fold
-models' MC means; each fold compares the bundle's QC score with its own validation-chosen
-threshold and the scan is flagged when at least half of the folds flag it (a tie goes to
-review) or when it is unlike the training cohort (out-of-distribution check on image
-features). The predicted Dice is the fold regressors' mean with their spread.
+FLAIR/T1 pair. Per scan: the study's preprocessing; every fold model's MC inference; the
+*delivered* segmentation is the mean of the fold models' MC means cut at 0.5.
+
+QC judges the segmentation it delivers. Fold model k scores the delivered mask with its own
+networks and its own MC maps: its reconstruction net fills the delivered mask (error maps and
+their scores), its entropy is read in and around the delivered mask, and its Dice regressors
+see the pair built from the delivered mask (with fold k's entropy or error map), so each
+predicts the Dice of the delivered mask. Scores that read no mask
+(:data:`MASK_FREE_SCORES`: the entropy and mutual-information sums and the pairwise Dice of
+fold k's MC samples) describe fold k's own samples; a record names which scores are which
+(``scores_on_delivered_mask``, ``scores_of_fold_samples``). Each fold compares the bundle's QC
+score with its own validation-chosen threshold; the scan is flagged when at least half of the
+folds flag it (a tie goes to review), when it is unlike the training cohort
+(out-of-distribution check on image features), or when nothing is segmented (an empty mask
+scores as a sure one: two empty samples agree perfectly and carry no entropy). The predicted
+Dice is the fold regressors' mean, clipped to [0, 1] (``predicted_dice_raw`` keeps the mean).
 
 Outputs form a BIDS derivative dataset (:data:`OUTPUT_SUFFIXES`); a scan's record
-(``..._desc-wmhqc_qc.json``) is written last, so a scan without one is unfinished, and a rerun
-skips every scan whose record says ``ok``. A bad scan gets a record with status ``error`` and
-its reason; the other scans go on.
+(``..._desc-wmhqc_qc.json``) is written last, so a scan without one is unfinished. Records,
+sidecars, ``group_qc.tsv`` and the pages name the inputs relative to the raw dataset
+(``bids:raw:sub-01/anat/...``); only ``dataset_description.json`` says where it lies. A record
+holds the SHA-256 of the bundle's manifest and of its FLAIR and T1, and a rerun skips a scan
+only when its record says ``ok`` and these are unchanged. Any failure while one scan is
+processed gives that scan a record with status ``error`` and its reason; the other scans go on.
+
+Exit codes (:attr:`TriageSummary.exit_code`, and of ``wmhqc triage``): :data:`EXIT_OK` (0)
+every scan has a verdict; :data:`EXIT_NONE` (1) no scan could be triaged;
+:data:`EXIT_SOME_ERRORS` (3) finished, but some scans are in error. ``wmhqc`` itself exits with
+2 for unusable arguments, inputs or bundle (argparse's usage error).
 """
 
 from __future__ import annotations
@@ -24,7 +42,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.pool import Pool
 from pathlib import Path
 
@@ -32,7 +50,18 @@ import numpy as np
 import pandas as pd
 
 from ..data.io import DataError
-from .bundle import Bundle
+from ..study.steps import file_digest
+from .bundle import MANIFEST, Bundle
+from .records import (
+    RECORD_SUFFIX,
+    clip_dice,
+    out_of_distribution,
+    raw_uri,
+    relative_name,
+    without_root,
+)
+
+__all__ = ["RECORD_SUFFIX", "out_of_distribution"]  # re-exported: defined in .records
 
 GROUP_TSV = "group_qc.tsv"
 GROUP_COLUMNS = ("participant_id", "session_id", "status", "flagged", "qc_score",
@@ -45,10 +74,16 @@ OUTPUT_SUFFIXES = {
     "entropy": "space-orig_desc-entropy_uncertainty.nii.gz",
     "error": "space-orig_desc-signed_recerror.nii.gz",
 }
-RECORD_SUFFIX = "desc-wmhqc_qc.json"
 BIDSIGNORE = ("*_uncertainty.nii.gz", "*_uncertainty.json", "*_recerror.nii.gz",
               "*_recerror.json", "*_qc.json", "*.html", "group_qc.tsv", "logs/")
 _LABEL = re.compile(r"[^A-Za-z0-9]")
+#: Exit codes of a triage run: every scan has a verdict; none could be triaged; finished with
+#: some scans in error (2 is argparse's, for unusable arguments, inputs or bundle).
+EXIT_OK, EXIT_NONE, EXIT_SOME_ERRORS = 0, 1, 3
+#: QC scores that read no mask: fold k's values describe its own MC samples, whatever mask is
+#: delivered. Every other score is computed on the delivered mask.
+MASK_FREE_SCORES = ("uncertainty_vs", "mutual_information_vs", "pairwise_dice")
+EMPTY_REASON = "no lesion segmented: the QC scores cannot judge an empty segmentation"
 
 
 @dataclass(frozen=True)
@@ -63,6 +98,7 @@ class Scan:
     source: str  # the input as the user named it (BIDS-relative path or the manifest id)
     problem: str = ""  # why this scan cannot run (a missing T1, say), found at discovery
     from_bids: bool = False  # source is a path relative to a BIDS dataset root
+    root: Path | None = None  # the raw dataset's folder: outputs name the inputs relative to it
 
     @property
     def folder(self) -> Path:
@@ -124,11 +160,12 @@ def discover_bids(bids_dir: str | Path, participants: Sequence[str] = (),
                 t1 = _matching_t1(anat, flair)
                 problem = "" if t1 else f"no matching *_T1w.nii[.gz] in {anat.relative_to(root)}"
                 scans.append(Scan(label, ents.get("ses", session), flair, t1, prefix,
-                                  flair.relative_to(root).as_posix(), problem, from_bids=True))
+                                  flair.relative_to(root).as_posix(), problem, from_bids=True,
+                                  root=root))
     missing = wanted_p - {s.participant for s in scans}
     for label in sorted(missing):
         scans.append(Scan(label, None, None, None, f"sub-{label}", f"sub-{label}",
-                          "participant label given but no FLAIR found"))
+                          "participant label given but no FLAIR found", root=root))
     return scans
 
 
@@ -141,8 +178,19 @@ def _matching_t1(anat: Path, flair: Path) -> Path | None:
     return t1s[0] if len(t1s) == 1 else None
 
 
+def _common_folder(paths: Sequence[Path], default: Path) -> Path:
+    """The deepest folder holding every one of ``paths`` (absolute, symbolic links not
+    followed); ``default`` when there is none."""
+    folders = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    return Path(os.path.commonpath(folders)) if folders else Path(os.path.abspath(default))
+
+
 def scans_from_manifest(path: str | Path) -> list[Scan]:
-    """Scans listed in a manifest CSV with ``subject_id``, ``flair`` and ``t1`` columns."""
+    """Scans listed in a manifest CSV with ``subject_id``, ``flair`` and ``t1`` columns.
+
+    A relative path in the manifest is taken relative to the manifest's folder (not to where
+    the command runs). Outputs name the inputs relative to the deepest folder that holds them
+    all (the scans' ``root``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
@@ -157,38 +205,22 @@ def scans_from_manifest(path: str | Path) -> list[Scan]:
             raise ValueError(f"{path}: subject ids {row.subject_id!r} and another give the "
                              f"same BIDS label {label!r}")
         seen.add(label)
-        flair = Path(str(row.flair)) if isinstance(row.flair, str) and row.flair else None
-        t1 = Path(str(row.t1)) if isinstance(row.t1, str) and row.t1 else None
+        flair, t1 = (path.parent / str(value) if isinstance(value, str) and value else None
+                     for value in (row.flair, row.t1))
         problem = "" if flair and t1 else "manifest row lacks a FLAIR or a T1 path"
         scans.append(Scan(label, None, flair, t1, f"sub-{label}", str(row.subject_id),
                           problem))
-    return scans
+    root = _common_folder([p for s in scans for p in (s.flair, s.t1) if p], path.parent)
+    return [replace(s, root=root) for s in scans]
 
 
 def single_scan(flair: str | Path, t1: str | Path, participant: str = "01") -> Scan:
-    """One FLAIR/T1 pair given on the command line."""
+    """One FLAIR/T1 pair given on the command line; outputs name them relative to the deepest
+    folder that holds both."""
     label = bids_label(participant)
-    return Scan(label, None, Path(flair), Path(t1), f"sub-{label}", str(flair))
-
-
-# ---------------------------------------------------------------------------------------------
-# Out-of-distribution check
-
-
-def out_of_distribution(features: dict[str, float], ranges: dict[str, dict]) -> list[str]:
-    """Reasons a scan is unlike the training cohort: each image feature outside the cohort's
-    widened range (see :data:`bundle.OOD_MARGIN`), and sheared voxel axes."""
-    reasons = []
-    for name, r in ranges.items():
-        value = features.get(name)
-        if value is None or not math.isfinite(value):
-            reasons.append(f"{name} could not be computed")
-        elif not r["low"] <= value <= r["high"]:
-            reasons.append(f"{name} {value:.3g} beyond {r['low']:.3g} to {r['high']:.3g} "
-                           f"(the training cohort's {r['min']:.3g} to {r['max']:.3g}, widened)")
-    if features.get("axis_skew_deg", 0.0) > 1.0:
-        reasons.append(f"voxel axes sheared by {features['axis_skew_deg']:.1f} degrees")
-    return list(dict.fromkeys(reasons))
+    root = _common_folder([Path(flair), Path(t1)], Path(flair).parent)
+    return Scan(label, None, Path(flair), Path(t1), f"sub-{label}",
+                relative_name(flair, root), root=root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,68 +275,107 @@ def scan_seed(bundle: Bundle, subject_id: str, fold: int) -> int:
     return case_seed("triage", bundle.info["seed"], fold, subject_id)
 
 
-def _fold_scores(bundle: Bundle, fm: FoldModels, case) -> tuple[dict, dict]:
-    """One fold model's scores of a case, and its maps (mean, entropy, signed error)."""
-    from ..qc import regression as rg
-    from ..qc.reconstruction import FLAIR, QCImage, error_maps, error_scores
-    from ..qc.uncertainty import mc_samples, qc_scores, reseed, uncertainty_maps
+def _fold_mc(bundle: Bundle, fm: FoldModels, case):
+    """Fold model ``fm``'s MC samples of a case and their maps (:class:`UncertaintyMaps`),
+    seeded by scan and fold."""
+    from ..qc.uncertainty import mc_samples, reseed, uncertainty_maps
 
     reseed(fm.mc, scan_seed(bundle, case.subject_id, fm.fold))
-    vox_ml = float(np.prod(bundle.info["preprocess"]["voxel_mm"])) / 1000.0
-    maps = uncertainty_maps(mc_samples(fm.mc, case.image, bundle.info["mc"]["samples"],
+    return uncertainty_maps(mc_samples(fm.mc, case.image, bundle.info["mc"]["samples"],
                                        bundle.info["mc"]["batch"]))
+
+
+def _fold_scores(bundle: Bundle, fm: FoldModels, case, maps, delivered: np.ndarray
+                 ) -> tuple[dict, np.ndarray]:
+    """Fold model ``fm``'s QC scores of the *delivered* mask, and its signed error map.
+
+    ``maps`` are the fold's own MC maps; the delivered mask stands in for the fold's own
+    prediction wherever a score reads one: the fold's reconstruction net fills the delivered
+    mask, and its Dice regressors read the pair built from it (with this fold's entropy or
+    error map), so they predict the Dice of what is delivered. :data:`MASK_FREE_SCORES` read
+    no mask and stay the fold's own."""
+    from ..qc import regression as rg
+    from ..qc.reconstruction import FLAIR, QCImage, error_maps, error_scores
+    from ..qc.uncertainty import qc_scores
+
+    delivered = np.asarray(delivered) > 0
+    vox_ml = float(np.prod(bundle.info["preprocess"]["voxel_mm"])) / 1000.0
     image = QCImage.from_arrays(case.subject_id, case.image[FLAIR], case.brain)
-    pred = maps.prediction > 0
-    emaps = error_maps(fm.rec, image, pred, bundle.info["rec"]["infer_batch"])
-    scores = qc_scores(maps, vox_ml) | error_scores(emaps, image, pred,
-                                                    bundle.info["rec"]["ssim"])
-    inputs = rg.CaseInputs(case.subject_id, image, pred, maps.mean, maps.entropy, emaps.error)
+    on_delivered = replace(maps, prediction=delivered.astype(np.uint8))
+    emaps = error_maps(fm.rec, image, delivered, bundle.info["rec"]["infer_batch"])
+    scores = qc_scores(on_delivered, vox_ml) | error_scores(emaps, image, delivered,
+                                                            bundle.info["rec"]["ssim"])
+    inputs = rg.CaseInputs(case.subject_id, image, delivered, maps.mean, maps.entropy,
+                           emaps.error)
     for name, model in fm.dr.items():
         kind = name.removeprefix("dr_").split("_")[0]
         scores[name] = float(rg.predict_dice(model, inputs.pair(kind)[None])[0])
-    return scores, {"mean": maps.mean, "entropy": maps.entropy, "error": emaps.error}
+    return scores, emaps.error
+
+
+def mark_empty(record: dict) -> dict:
+    """Flag a scan whose delivered mask has no voxel, with its own reason first: its QC scores
+    look as sure as they can (empty MC samples agree perfectly, and where nothing is predicted
+    there is no entropy to read), so they cannot judge it."""
+    if not record.get("empty_segmentation"):
+        record["empty_segmentation"] = True
+        record["flagged"] = True
+        record["reason"] = "; ".join([EMPTY_REASON] + ([record["reason"]]
+                                                       if record.get("reason") else []))
+    return record
 
 
 def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResult:
-    """Scores, flags and ensemble maps of one preprocessed scan."""
+    """The delivered segmentation of one preprocessed scan, every fold's QC scores of it, the
+    vote and the maps (see the module docstring)."""
     from ..qc.evaluation import flag_cases
 
+    if not models:
+        raise ValueError("no fold model to triage with")
     spec = bundle.score
-    per_fold, means, entropies, errors = [], [], [], []
-    for fm in models:
-        scores, maps = _fold_scores(bundle, fm, case)
-        value = scores[spec.column]
+    fold_maps = [_fold_mc(bundle, fm, case) for fm in models]
+    probability = np.mean([m.mean for m in fold_maps], axis=0)
+    delivered = probability > 0.5
+    per_fold, errors = [], []
+    for fm, maps in zip(models, fold_maps, strict=True):
+        scores, error = _fold_scores(bundle, fm, case, maps, delivered)
+        value = float(scores[spec.column])
         flag = bool(flag_cases(np.array([value]), fm.threshold, spec.higher_is_better)[0])
         per_fold.append({"fold": fm.fold, "threshold": fm.threshold, "qc_score": value,
                          "flagged": flag, "scores": scores})
-        means.append(maps["mean"])
-        entropies.append(maps["entropy"])
-        errors.append(maps["error"])
-    fraction = float(np.mean([f["flagged"] for f in per_fold]))
+        errors.append(error)
+    n_flagging = sum(f["flagged"] for f in per_fold)
+    fraction = n_flagging / len(per_fold)
     reasons = []
     if fraction >= 0.5:
-        word = spec.label
-        reasons.append(f"{word} beyond the validation-chosen threshold in "
-                       f"{sum(f['flagged'] for f in per_fold)} of {len(per_fold)} folds")
+        reasons.append(f"{spec.label} beyond the validation-chosen threshold in "
+                       f"{n_flagging} of {len(per_fold)} folds")
     ood = out_of_distribution(case.meta["image_features"], bundle.info["feature_ranges"])
     if ood:
         reasons.append("unlike the training cohort: " + "; ".join(ood))
     dice_col = bundle.info.get("predicted_dice")
-    predicted = [f["scores"][dice_col] for f in per_fold] if dice_col else []
+    predicted = [float(f["scores"][dice_col]) for f in per_fold] if dice_col else []
+    raw = float(np.mean(predicted)) if predicted else None
+    raw = raw if raw is not None and math.isfinite(raw) else None
+    names = list(per_fold[0]["scores"])
     record = {
         "status": "ok", "flagged": bool(fraction >= 0.5 or ood),
         "qc_score": float(np.mean([f["qc_score"] for f in per_fold])),
         "qc_score_name": spec.column, "folds_flagging": fraction,
-        "out_of_distribution": bool(ood),
-        "predicted_dice": float(np.mean(predicted)) if predicted else None,
+        "scores_on_delivered_mask": [n for n in names if n not in MASK_FREE_SCORES],
+        "scores_of_fold_samples": [n for n in names if n in MASK_FREE_SCORES],
+        "out_of_distribution": bool(ood), "empty_segmentation": False,
+        "predicted_dice": clip_dice(raw), "predicted_dice_raw": raw,
         "predicted_dice_sd": float(np.std(predicted)) if predicted else None,
-        "predicted_dice_range": [float(min(predicted)), float(max(predicted))] if predicted
-        else None,
+        "predicted_dice_range": [clip_dice(min(predicted)), clip_dice(max(predicted))]
+        if predicted else None,
         "reason": "; ".join(reasons), "per_fold": per_fold,
         "image_features": case.meta["image_features"],
     }
-    return ScanResult(record, np.mean(means, axis=0), np.mean(entropies, axis=0),
-                      np.mean(errors, axis=0), case)
+    if not delivered.any():
+        mark_empty(record)
+    entropy = np.mean([m.entropy for m in fold_maps], axis=0)
+    return ScanResult(record, probability, entropy, np.mean(errors, axis=0), case)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,20 +389,28 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _as_uri(source: str) -> str:
-    return Path(source).resolve().as_uri() if source and "://" not in source else source
+def _as_uri(source: str | Path) -> str:
+    """A location as a URI: a URL as it is, a local path as ``file://`` (absolute, symbolic
+    links not followed, like the relative names of the inputs)."""
+    source = str(source)
+    return source if "://" in source else Path(os.path.abspath(source)).as_uri()
 
 
-def write_dataset_description(out_dir: Path, bundle: Bundle, source: str) -> None:
-    """``dataset_description.json`` of the derivative dataset, and its ``.bidsignore``."""
+def write_dataset_description(out_dir: Path, bundle: Bundle, source: str | Path,
+                              raw: str | Path | None = None) -> None:
+    """``dataset_description.json`` of the derivative dataset, and its ``.bidsignore``.
+
+    ``DatasetLinks.raw`` is ``raw`` (default: ``source``), the folder that the ``bids:raw:``
+    names of the inputs are relative to; this file is the only one that says where it is."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    raw = source if raw is None else raw
     desc = {"Name": "wmhqc triage: WMH segmentation with quality control",
             "BIDSVersion": "1.9.0", "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "wmhqc", "Version": bundle.info["generated_by"]["version"],
                              "Description": f"QC bundle of profile {bundle.info['profile']}, "
                                             f"score {bundle.score.label}"}],
             "SourceDatasets": [{"URL": _as_uri(source)}],
-            "DatasetLinks": {"raw": _as_uri(source)}}
+            "DatasetLinks": {"raw": _as_uri(raw)}}
     _atomic_json(out_dir / "dataset_description.json", desc)
     (out_dir / ".bidsignore").write_text("\n".join(BIDSIGNORE) + "\n")
 
@@ -344,22 +423,36 @@ def read_record(out_dir: Path, scan: Scan) -> dict | None:
         return None
 
 
-def _source_uri(scan: Scan) -> str:
-    """The input FLAIR as a BIDS URI (``bids:raw:sub-01/anat/...``) for BIDS input, else as a
-    file URI."""
-    return f"bids:raw:{scan.source}" if scan.from_bids else Path(scan.flair).resolve().as_uri()
+def input_name(scan: Scan, role: str) -> str:
+    """The scan's FLAIR or T1 (``role``) as a BIDS URI relative to the raw dataset
+    (``bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz``), whatever the input mode."""
+    return raw_uri(relative_name(scan.flair if role == "flair" else scan.t1, scan.root))
+
+
+def input_digests(scan: Scan) -> dict[str, str]:
+    """SHA-256 of the scan's FLAIR and T1: a rerun redoes the scan when either changed."""
+    return {"flair": file_digest(scan.flair), "t1": file_digest(scan.t1)}
+
+
+def bundle_digest(bundle: Bundle) -> str:
+    """SHA-256 of the bundle's manifest, which lists the digest of every file in it."""
+    return file_digest(bundle.root / MANIFEST)
 
 
 def _sidecar(scan: Scan, kind: str) -> dict:
-    uri = _source_uri(scan)
+    uri = input_name(scan, "flair")
     return {"Description": kind, "Sources": [uri], "SpatialReference": uri}
 
 
-def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) -> dict:
+def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float,
+               provenance: dict | None = None) -> dict:
     """Write a scan's maps on its native FLAIR grid and then its record (the completion mark).
 
     Files go to a temporary folder first and are moved into place one by one; the record comes
-    last, so a crash leaves a scan without a record, which the next run redoes."""
+    last, so a crash leaves a scan without a record, which the next run redoes. ``provenance``
+    holds the digests a rerun compares (``bundle_sha256``, ``inputs_sha256``). The delivered
+    mask is the one written here, on the native grid: when it is empty the scan is flagged
+    (:func:`mark_empty`), even where the profile grid's mask was not."""
     import nibabel as nib
 
     from ..data.preprocess import map_to_native
@@ -379,7 +472,7 @@ def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) ->
     descriptions = {"mask": "WMH segmentation: mean of the fold models' MC means > 0.5",
                     "probseg": "WMH probability: mean of the fold models' MC means",
                     "entropy": "MC entropy (bits), mean over fold models",
-                    "error": "Reconstruction minus FLAIR with the prediction zeroed "
+                    "error": "Reconstruction minus FLAIR with the delivered mask zeroed "
                              "(scaled intensity), mean over fold models"}
     for role, data in images.items():
         name = scan.output(role).name
@@ -390,15 +483,19 @@ def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) ->
         if role in ("mask", "probseg"):
             sidecar["Type"] = "Lesion"
         (staging / name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=1))
+    provenance = provenance or {}
     record = {"participant_id": f"sub-{scan.participant}",
               "session_id": f"ses-{scan.session}" if scan.session else "n/a",
               "source": scan.source,
-              "inputs": {"flair": str(Path(scan.flair).resolve()),
-                         "t1": str(Path(scan.t1).resolve())},
+              "inputs": {role: input_name(scan, role) for role in ("flair", "t1")},
+              "inputs_sha256": provenance.get("inputs_sha256"),
               **result.record,
               "lesion_ml": float(mask.sum()) * voxel_ml, "seconds": round(seconds, 2),
               "files": {role: scan.output(role).as_posix() for role in OUTPUT_SUFFIXES},
-              "bundle": {"score": result.record["qc_score_name"]}}
+              "bundle": {"score": result.record["qc_score_name"],
+                         "manifest_sha256": provenance.get("bundle_sha256")}}
+    if not mask.any():
+        mark_empty(record)
     target = out_dir / scan.folder
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(staging.iterdir()):
@@ -409,15 +506,17 @@ def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float) ->
 
 
 def error_record(out_dir: Path, scan: Scan, reason: str, seconds: float) -> dict:
-    """The record of a scan that could not be triaged; its earlier outputs are removed."""
+    """The record of a scan that could not be triaged; its earlier outputs are removed. Paths
+    under the raw dataset in ``reason`` become relative to it."""
+    shutil.rmtree(out_dir / "logs" / "staging" / scan.prefix, ignore_errors=True)
     for role in OUTPUT_SUFFIXES:
         for path in (out_dir / scan.output(role),
                      out_dir / str(scan.output(role)).replace(".nii.gz", ".json")):
             path.unlink(missing_ok=True)
     record = {"participant_id": f"sub-{scan.participant}",
               "session_id": f"ses-{scan.session}" if scan.session else "n/a",
-              "source": scan.source, "status": "error", "flagged": None, "reason": reason,
-              "seconds": round(seconds, 2)}
+              "source": scan.source, "status": "error", "flagged": None,
+              "reason": without_root(reason, scan.root), "seconds": round(seconds, 2)}
     _atomic_json(out_dir / scan.output("record"), record)
     return record
 
@@ -477,23 +576,64 @@ class TriageSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when at least one scan has a triage result, 1 when none has."""
-        return 0 if self.n_ok + self.n_skipped > 0 else 1
+        """:data:`EXIT_OK` (0) when every scan has a verdict (status ok, this run or an earlier
+        one), :data:`EXIT_NONE` (1) when none has, :data:`EXIT_SOME_ERRORS` (3) when some
+        scans are in error and the others have a verdict."""
+        if self.n_ok + self.n_skipped == 0:
+            return EXIT_NONE
+        return EXIT_SOME_ERRORS if self.n_error else EXIT_OK
+
+
+def _describe(exc: Exception) -> str:
+    """An error's reason for a record: a :class:`DataError` names its file and problem; any
+    other error is named by its type too (a bare ``KeyError: 'x'`` reads as nothing)."""
+    return str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
 
 
 def _prepare(job: tuple) -> tuple:
-    """Preprocess one scan (run in a worker process); returns (index, case or error, s)."""
+    """Digest and preprocess one scan (run in a worker process); returns (index, case or the
+    reason it failed, seconds, input digests or None). Any error becomes the scan's reason;
+    KeyboardInterrupt and SystemExit go through."""
     index, scan, settings = job
     start = time.perf_counter()
-    from ..data.preprocess import preprocess_scan
-
     try:
         if scan.problem:
             raise DataError(scan.source, scan.problem)
+        from ..data.preprocess import preprocess_scan
+
+        digests = input_digests(scan)
         case = preprocess_scan(scan.prefix, scan.flair, scan.t1, settings)
-        return index, case, time.perf_counter() - start
-    except (DataError, ValueError, OSError) as exc:
-        return index, f"{exc}", time.perf_counter() - start
+        return index, case, time.perf_counter() - start, digests
+    except Exception as exc:  # noqa: BLE001 - one scan's failure never stops the others
+        return index, _describe(exc), time.perf_counter() - start, None
+
+
+def _up_to_date(record: dict | None, scan: Scan, bundle_sha: str) -> bool:
+    """Whether a scan's earlier record stands: status ok, made with this bundle from these
+    inputs (a record without the digests, from an older wmhqc, does not)."""
+    if record is None or record.get("status") != "ok":
+        return False
+    if (record.get("bundle") or {}).get("manifest_sha256") != bundle_sha:
+        return False
+    try:
+        return record.get("inputs_sha256") == input_digests(scan)
+    except (OSError, TypeError):  # an input gone, or none given
+        return False
+
+
+def _raw_root(scans: Sequence[Scan], source: str) -> Path | None:
+    """The one raw dataset the scans come from (the folder their outputs name them relative
+    to): their ``root``, else ``source``, else the deepest folder holding their inputs."""
+    roots = {os.path.abspath(s.root) for s in scans if s.root is not None}
+    if len(roots) > 1:
+        raise ValueError(f"scans from {len(roots)} datasets ({', '.join(sorted(roots))}): "
+                         "triage each into its own output folder")
+    if roots:
+        return Path(roots.pop())
+    if source and "://" not in source:
+        return Path(os.path.abspath(source))
+    inputs = [p for s in scans for p in (s.flair, s.t1) if p]
+    return _common_folder(inputs, Path.cwd()) if inputs else None
 
 
 def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
@@ -501,25 +641,36 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
                log: Callable[[str], None] = print) -> TriageSummary:
     """Triage ``scans`` into the derivative dataset ``out_dir`` (see the module docstring).
 
-    Scans whose record says ``ok`` are skipped. Preprocessing runs in ``nprocs`` worker
-    processes while the networks run here, one scan at a time; the same workers then draw the
-    report pages (when there was more than one scan to triage).
+    Scans whose record says ``ok`` and whose bundle and input digests are unchanged are
+    skipped. Preprocessing runs in ``nprocs`` worker processes while the networks run here,
+    one scan at a time; the same workers then draw the report pages (when there was more than
+    one scan to triage). An error in one scan (in a worker or here) becomes its ``error``
+    record and the others go on. ``source`` names the input dataset for
+    ``SourceDatasets`` (default: the scans' raw dataset folder).
     """
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    write_dataset_description(out_dir, bundle, source or "unknown")
-    todo, skipped = [], 0
+    raw = _raw_root(scans, source)
+    scans = [replace(s, root=raw) for s in scans]
+    write_dataset_description(out_dir, bundle, source or raw or "unknown", raw)
+    bundle_sha = bundle_digest(bundle)
+    todo, skipped, changed = [], 0, 0
     for scan in scans:
         rec = read_record(out_dir, scan)
-        if rec is not None and rec.get("status") == "ok":
+        if _up_to_date(rec, scan, bundle_sha):
             skipped += 1
         else:
+            changed += rec is not None and rec.get("status") == "ok"
             todo.append(scan)
     if skipped:
-        log(f"{skipped} scan(s) already triaged in {out_dir}: skipped")
+        log(f"{skipped} scan(s) already triaged in {out_dir} with this bundle from these "
+            "inputs: skipped")
+    if changed:
+        log(f"{changed} scan(s) triaged before with another bundle or from other inputs: "
+            "redone")
     settings = bundle.preprocess_settings
     jobs = [(i, scan, settings) for i, scan in enumerate(todo)]
     # the workers start and preprocess while the networks load here
@@ -531,17 +682,25 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
         prepared = pool.imap(_prepare, jobs) if pool else map(_prepare, jobs)
         models = load_models(bundle) if todo else []
         with tqdm(total=len(todo), desc="triage", unit="scan", disable=not progress) as bar:
-            for index, case, prep_s in prepared:
+            for index, case, prep_s, digests in prepared:
                 scan = todo[index]
                 start = time.perf_counter()
-                if isinstance(case, str):
-                    error_record(out_dir, scan, case, prep_s)
+                reason = case if isinstance(case, str) else None
+                if reason is None:
+                    try:
+                        result = triage_case(bundle, models, case)
+                        total = prep_s + time.perf_counter() - start
+                        rec = write_scan(out_dir, scan, result, total,
+                                         {"bundle_sha256": bundle_sha,
+                                          "inputs_sha256": digests})
+                    except Exception as exc:  # noqa: BLE001 - the other scans go on
+                        reason = _describe(exc)
+                if reason is not None:
+                    rec = error_record(out_dir, scan, reason,
+                                       prep_s + time.perf_counter() - start)
                     n_error += 1
-                    log(f"{scan.prefix}: error: {case}")
+                    log(f"{scan.prefix}: error: {rec['reason']}")
                 else:
-                    result = triage_case(bundle, models, case)
-                    total = prep_s + time.perf_counter() - start
-                    rec = write_scan(out_dir, scan, result, total)
                     n_ok += 1
                     seconds.append(total)
                     verdict = "FLAGGED" if rec["flagged"] else "passed"
@@ -569,8 +728,10 @@ def score_against_truth(out_dir: str | Path, truth: pd.DataFrame, quality_thresh
     """Each triaged scan's true lesion Dice (its mask against ``truth['truth']``, both on the
     input FLAIR's grid) and the realised precision, recall and review fraction of the flags.
 
-    ``truth`` has ``participant_id`` and ``truth`` (a mask path) per scan; only triage that
-    ran (status ok) is scored. Failure is Dice below ``quality_threshold``, as in the study.
+    ``truth`` has ``participant_id`` and ``truth`` (a label map path: 1 lesion, 2 other
+    pathology) per scan; only triage that ran (status ok) is scored. Label-2 voxels count for
+    neither mask, as in the study's lesion Dice (MICCAI's rule, :func:`preprocess.native_dice`);
+    any other label is refused. Failure is Dice below ``quality_threshold``, as in the study.
     """
     import nibabel as nib
 
@@ -583,11 +744,17 @@ def score_against_truth(out_dir: str | Path, truth: pd.DataFrame, quality_thresh
     for row in table.itertuples():
         record = json.loads((out_dir / row.record).read_text())
         pred = np.asarray(nib.load(out_dir / record["files"]["mask"]).dataobj) > 0
-        ref = np.asarray(nib.load(row.truth).dataobj) > 0
-        if pred.shape != ref.shape:
-            raise ValueError(f"{row.truth}: grid {ref.shape} differs from the triage mask "
+        labels = np.asarray(nib.load(row.truth).dataobj)
+        if pred.shape != labels.shape:
+            raise ValueError(f"{row.truth}: grid {labels.shape} differs from the triage mask "
                              f"{pred.shape}")
-        rows.append({"participant_id": row.participant_id, "true_dice": dice(pred, ref)})
+        unknown = sorted(set(np.unique(labels).tolist()) - {0, 1, 2})
+        if unknown:
+            raise ValueError(f"{row.truth}: label(s) {unknown} in a truth map of 0 (background),"
+                             " 1 (lesion) and 2 (other pathology, ignored)")
+        ref, ignore = labels == 1, labels == 2
+        rows.append({"participant_id": row.participant_id,
+                     "true_dice": dice(pred, ref, ignore)})
     scored = table.merge(pd.DataFrame(rows, columns=["participant_id", "true_dice"]),
                          on="participant_id")
     scored["failed"] = scored["true_dice"] < quality_threshold

@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 
 from ..data.preprocess import PreprocessedCase
 from ..data.synth import random_rotation
-from ..qc.metrics import dice
+from ..overlap import dice
 from .models import ChannelPReLU, InstanceNormalization, MCDropout, without_dropout
 
 EPS = 1e-6

@@ -10,53 +10,21 @@
 * The reference may carry partial volume (fractions in [0, 1], as masks on a coarse grid do):
   overlap and size are then sums of fractions, ``2 sum(p t) / (sum p + sum t)``, which equals the
   usual Dice for a binary reference.
+
+:func:`dice` and :func:`two_class_dice` are defined in :mod:`wmhqc_lib.overlap` (below data/
+and nets/, which need them) and re-exported here; :func:`pairwise_dice` (agreement of MC
+samples) is QC's own.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+# The overlap measures live on the library's lowest floor (wmhqc_lib/overlap.py) so that data/
+# and nets/ can use them; they are re-exported here for the QC, study and deploy code.
+from ..overlap import counted_voxels, dice, two_class_dice
 
-def _valid(ignore: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    """Voxels that count: all but those at least half ignored (``ignore`` may be fractions)."""
-    if ignore is None:
-        return np.ones(shape, dtype=bool)
-    ignore = np.asarray(ignore)
-    return ~ignore.astype(bool) if ignore.dtype == bool else ~(ignore >= 0.5)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> float:
-    """Lesion Dice of a binary prediction against a reference (binary, or partial-volume
-    fractions), ignoring ``ignore`` voxels (at least half ignored); 1.0 when both are empty."""
-    valid = _valid(ignore, np.shape(truth))
-    p = np.asarray(pred, dtype=bool) & valid
-    truth = np.asarray(truth)
-    if truth.dtype == bool or np.issubdtype(truth.dtype, np.integer):
-        t = truth.astype(bool) & valid
-        total = int(p.sum()) + int(t.sum())
-        return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
-    t = np.where(valid, np.clip(truth.astype(np.float64), 0.0, 1.0), 0.0)
-    total = float(p.sum()) + float(t.sum())
-    if total == 0.0:
-        return 1.0
-    return 2.0 * float(t[p].sum()) / total
-
-
-def two_class_dice(pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None,
-                   region: np.ndarray | None = None) -> float:
-    """Mean of background and lesion Dice, the paper code's definition (for comparison only).
-
-    ``region`` limits the background to a volume of interest (default: the whole grid, as the
-    authors computed it); a larger region inflates background Dice towards 1.
-    """
-    valid = _valid(ignore, np.shape(truth))
-    if region is not None:
-        valid &= np.asarray(region, dtype=bool)
-    p = np.asarray(pred, dtype=bool)
-    t = np.asarray(truth, dtype=bool)
-    fg = dice(p & valid, t & valid)
-    bg = dice(~p & valid, ~t & valid)
-    return (fg + bg) / 2.0
+__all__ = ["counted_voxels", "dice", "pairwise_dice", "two_class_dice"]
 
 
 def pairwise_dice(masks: np.ndarray, ignore: np.ndarray | None = None) -> float:
@@ -71,7 +39,7 @@ def pairwise_dice(masks: np.ndarray, ignore: np.ndarray | None = None) -> float:
         raise ValueError("pairwise Dice needs at least two samples")
     flat = masks.reshape(n, -1)
     if ignore is not None:
-        flat = flat & _valid(ignore, masks.shape[1:]).reshape(1, -1)
+        flat = flat & counted_voxels(ignore, masks.shape[1:]).reshape(1, -1)
     m = flat.astype(np.float32)
     inter = m @ m.T
     sizes = np.diag(inter)

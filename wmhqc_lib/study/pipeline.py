@@ -31,6 +31,12 @@ BOOK_FILES = ("_config.yml", "_toc.yml", "book")
 TRIAGE_REPORTS = "triage/output"
 #: Where chapter 06 writes its tables as CSV (copied into the book's ``_static/tables``).
 EVALUATION_TABLES = "evaluation"
+#: The software versions of the run, per stage that ran a step and of the book's staging
+#: (:func:`record_environment`), in the results folder; the book's first page shows them.
+ENVIRONMENT_FILE = "environment.json"
+#: Where the book's first page (the root of ``_toc.yml``) takes the versions table; a root page
+#: without it gets the table at its end.
+VERSIONS_MARKER = "<!-- wmhqc: versions of this build -->"
 
 
 @dataclass(frozen=True)
@@ -482,11 +488,58 @@ def _ship(source: Path, pattern: str, target: Path) -> None:
             shutil.copy2(file, target / file.name)
 
 
+def record_environment(cfg: RunConfig, name: str) -> dict[str, dict[str, str]]:
+    """Record this process's software versions as ``name`` (a stage, or ``book``) in the
+    results folder's :data:`ENVIRONMENT_FILE`, under a lock since fold jobs may finish at once;
+    returns every record. A book built with other versions than its steps ran with says so."""
+    import tempfile
+
+    from .environment import environment
+
+    mine = environment()
+    path = cfg.results_dir / ENVIRONMENT_FILE
+    cfg.results_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.results_dir / f".{ENVIRONMENT_FILE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            records = {**_read_json(path), name: mine}
+            fd, tmp = tempfile.mkstemp(dir=cfg.results_dir, prefix=f".{ENVIRONMENT_FILE}.")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(records, fh, indent=2)
+            os.replace(tmp, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return records
+
+
+def _show_versions(stage: Path, records: dict[str, dict[str, str]]) -> None:
+    """Write the versions table into the staged book's first page (the root of ``_toc.yml``),
+    at :data:`VERSIONS_MARKER` or, without it, at the page's end."""
+    import yaml
+
+    from .environment import versions_markdown
+
+    root = yaml.safe_load((stage / "_toc.yml").read_text()).get("root")
+    page = stage / f"{root}.md"
+    if not root or not page.is_file():
+        raise RuntimeError(f"{stage / '_toc.yml'}: its root {root!r} is not a Markdown page "
+                           "in the book; the versions of this build go on the first page")
+    table = ("These versions ran this build (recorded in the results folder's "
+             f"`{ENVIRONMENT_FILE}`):\n\n" + versions_markdown(records, "book"))
+    text = page.read_text()
+    if VERSIONS_MARKER in text:
+        text = text.replace(VERSIONS_MARKER, table, 1)
+    else:
+        text = text.rstrip("\n") + "\n\n## Versions of this build\n\n" + table + "\n"
+    page.write_text(text)
+
+
 def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
     """Lay out the book sources with the executed notebooks in place of the templates.
 
     A per-fold chapter shows its first executed fold in full; the other folds become
-    sub-pages of that chapter in the staged table of contents.
+    sub-pages of that chapter in the staged table of contents. The first page gets the
+    software versions of this build (:func:`record_environment`).
     """
     import plotly
     import yaml
@@ -529,6 +582,7 @@ def stage_book(cfg: RunConfig, steps: Sequence[Step] = tuple(STEPS)) -> Path:
             if chapter.get("file") in extra_folds:
                 chapter["sections"] = [{"file": f} for f in extra_folds[chapter["file"]]]
     (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    _show_versions(stage, record_environment(cfg, "book"))
     static = stage / "_static"
     static.mkdir(exist_ok=True)
     shutil.copy2(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
@@ -629,6 +683,8 @@ def reproduce(profile_name: str = "cpu", data_root: str | Path | None = None,
                     folds=list(folds), seed=seed)
     results += run_steps(cfg, stage=stage, only=only)
     failed = [r for r in results if r.status in ("failed", "blocked")]
+    if any(r.status == "ran" and r.step != "synthesize data" for r in results):
+        record_environment(cfg, stage or "all")  # the versions this stage's steps ran with
     if build and stage in (None, "final") and not only and not failed:
         start = time.perf_counter()
         try:
