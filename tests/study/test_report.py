@@ -366,9 +366,11 @@ def test_ties_come_from_paired_differences_not_overlapping_intervals():
                                        quality_threshold=0.5)
     assert ranking.loc[err, "delta_failure_auroc_vs_volume_low"] == \
         pytest.approx(direct.loc["failure_auroc", "low"])
-    shown = report.ranking_display(ranking)
-    column = "Δ AURC vs the carried score"
-    assert column in shown and shown.loc[pair, column] == "—"
+    shown = report.delta_display(ranking)
+    column = "Δ AURC (< 0: better)"
+    assert shown.loc[pair, column] == "—" and shown.loc[err, column].startswith("0.")
+    with pytest.raises(ValueError, match="no paired differences"):
+        report.delta_display(ranking.drop(columns=[c for c in ranking if "_vs_" in c]))
 
 
 def test_choice_stability_counts_wins_over_resampled_validation_rows():

@@ -154,17 +154,29 @@ def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
     table fits the page (the numeric table stays available as CSV)."""
     shown = {"failure AUROC": "failure_auroc", "AURC": "aurc", "e-AURC": "eaurc",
              "normalised AURC": "norm_aurc", "Pearson r": "pearson_r"}
-    for tag, name in (("chosen", "the carried score"), ("volume", "predicted volume")):
-        if f"delta_failure_auroc_vs_{tag}" in ranking:
-            shown[f"Δ AUROC vs {name}"] = f"delta_failure_auroc_vs_{tag}"
-            shown[f"Δ AURC vs {name}"] = f"delta_aurc_vs_{tag}"
     out = pd.DataFrame({label: [_with_interval(row[m], row.get(f"{m}_low"),
                                                row.get(f"{m}_high"))
-                                if np.isfinite(row[m]) or not m.startswith("delta_") else "—"
                                 for _, row in ranking.iterrows()]
                         for label, m in shown.items()}, index=ranking.index)
     if "role" in ranking:
         out.insert(0, "role", ranking["role"])
+    return out
+
+
+def delta_display(ranking: pd.DataFrame, against: str = "chosen") -> pd.DataFrame:
+    """The paired differences of :func:`ranking_table` against one reference (``chosen`` or
+    ``volume``) for reading: Δ failure AUROC and Δ AURC with their intervals, "—" for the
+    reference itself (a table of its own, so that each fits the page)."""
+    out = pd.DataFrame(index=ranking.index)
+    if "role" in ranking:
+        out["role"] = ranking["role"]
+    for metric, label in (("failure_auroc", "Δ failure AUROC (> 0: better)"),
+                          ("aurc", "Δ AURC (< 0: better)")):
+        column = f"delta_{metric}_vs_{against}"
+        if column not in ranking:
+            raise ValueError(f"the ranking has no paired differences against {against!r}")
+        out[label] = [_with_interval(row[column], row[f"{column}_low"], row[f"{column}_high"])
+                      if np.isfinite(row[column]) else "—" for _, row in ranking.iterrows()]
     return out
 
 
