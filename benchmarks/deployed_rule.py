@@ -53,7 +53,7 @@ def main() -> None:
     model = bundle_mod.load_bundle(args.bundle)
     q = float(model.info["quality_threshold"])
     work = Path(args.work or Path(args.results) / "deployed_check")
-    parts = []
+    parts, errors = [], []
     start = time.perf_counter()
     for b in range(args.batches):
         seed = prof.seed + args.seed_offset + b
@@ -70,12 +70,17 @@ def main() -> None:
                                                new[["participant_id", "kind", "site",
                                                     "truth"]], q)
         scored.insert(0, "batch", b)
+        table = triage.group_table(folder / "output")
+        errors.extend(f"batch {b} {row.participant_id}: {row.reason}"
+                      for row in table[table["status"] != "ok"].itertuples())
         parts.append(scored)
         print(f"batch {b} (seed {seed}): {len(scored)} scans scored, "
               f"{time.perf_counter() - start:.0f} s so far", flush=True)
     scored = pd.concat(parts, ignore_index=True)
     scored.drop(columns=["record"], errors="ignore").to_csv(work / "scored.csv", index=False)
-    measured = measure(scored)
+    measured = measure(scored, n_error=len(errors))
+    for line in errors:
+        print(f"in error (a person sees it, counted as flagged below): {line}")
     measured.update({"seeds": [prof.seed + args.seed_offset + b for b in range(args.batches)],
                      "quality_threshold": q, "seconds": round(time.perf_counter() - start)})
     print(json.dumps(measured, indent=1))
@@ -99,17 +104,21 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
             1.0 if k == n else min(1.0, centre + half))
 
 
-def measure(scored: pd.DataFrame) -> dict:
-    """Realised figures of the flags on scans with known failure, each with its interval."""
+def measure(scored: pd.DataFrame, n_error: int = 0) -> dict:
+    """Realised figures of the flags on scans with known failure, each with its interval.
+
+    ``scored`` holds the scans triage finished. ``n_error`` scans ended in error: a person
+    sees those too, so they count as flagged in the review fraction (their true Dice is
+    unknown, so they enter no other figure); ``n_error`` is reported."""
     flagged = scored["flagged"].astype(bool).to_numpy()
     failed = scored["failed"].astype(bool).to_numpy()
     counts = {"recall": ((flagged & failed).sum(), failed.sum()),
               "specificity": ((~flagged & ~failed).sum(), (~failed).sum()),
-              "review_fraction": (flagged.sum(), len(flagged)),
+              "review_fraction": (flagged.sum() + n_error, len(flagged) + n_error),
               "precision": ((flagged & failed).sum(), flagged.sum()),
               "prevalence": (failed.sum(), len(failed))}
-    out = {"n_scans": len(scored), "n_failed": int(failed.sum()),
-           "n_flagged": int(flagged.sum())}
+    out = {"n_scans": len(scored) + n_error, "n_scored": len(scored), "n_error": n_error,
+           "n_failed": int(failed.sum()), "n_flagged": int(flagged.sum())}
     for name, (k, n) in counts.items():
         low, high = wilson(int(k), int(n))
         out[name] = {"estimate": k / n if n else math.nan, "low": low, "high": high,

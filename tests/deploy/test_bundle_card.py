@@ -123,3 +123,7 @@ def test_deployed_rule_benchmark_counts_and_intervals():
     assert m["review_fraction"]["estimate"] == 0.6 and m["prevalence"]["estimate"] == 0.4
     for name in ("recall", "specificity", "precision"):
         assert m[name]["low"] <= m[name]["estimate"] <= m[name]["high"]
+    # scans in error go to a person: counted as reviewed, in no other figure
+    e = bench.measure(scored, n_error=5)
+    assert e["n_scans"] == 10 and e["n_error"] == 5 and e["n_scored"] == 5
+    assert e["review_fraction"]["estimate"] == 0.8 and e["recall"] == m["recall"]

@@ -87,7 +87,17 @@ def test_widened_masks_and_their_own_dice(tmp_path):
     rec = build_rec_unet(None, UNetConfig(base_filters=4, encoder_filters=(8, 16, 32)))
     settings = {"thresholds": [0.25, 0.75], "dilate": 1, "erode": 0}
     cache = tmp_path / "a.npz"
-    extra = rg.widened_pairs(rec, c, lambda v: dice(v > 0.5, lesion), settings, cache, "t")
+    seen = []
+
+    def true_dice(volume):
+        seen.append(volume)
+        return dice(volume > 0.5, lesion)
+
+    extra = rg.widened_pairs(rec, c, true_dice, settings, cache, "t")
+    # each target is scored from the volume its mask was cut from: the shifted MC mean for a
+    # threshold mask (not the 0/1 mask), the mask itself for a dilation
+    assert np.allclose(seen[0], c.mean + 0.25) and np.allclose(seen[1], c.mean - 0.25)
+    assert np.array_equal(seen[2], extra["masks"][2].astype(np.float32))
     assert extra["names"] == ["threshold_0.25", "threshold_0.75", "dilate_1"]
     for name, mask, d in zip(extra["names"], extra["masks"], extra["dice"], strict=True):
         assert d == pytest.approx(dice(mask, lesion)), name

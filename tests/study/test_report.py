@@ -420,3 +420,43 @@ def test_operating_point_intervals_carry_the_thresholds_own_variance(cases):
         fixed["review_fraction"]["low"]
     assert ev.operating_point(noisy, spec, "f1", n_boot=300, seed=4,
                               quality_threshold=0.5) == rechosen  # seeded
+
+
+def test_operating_point_chooses_every_threshold_on_one_folds_validation_rows(cases,
+                                                                              monkeypatch):
+    """A spy on the threshold choice: in the point estimate and in every resample, each call
+    sees validation rows of a single fold only (a leak from test rows would show here)."""
+    calls = []
+    real = ev.select_threshold
+
+    def spy(rows, *args, **kwargs):
+        calls.append((set(rows["split"]), set(rows["fold"]),
+                      set(rows["subject_id"])))
+        return real(rows, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "select_threshold", spy)
+    ev.operating_point(cases, ev.qc_score("pairwise_dice"), "f1", n_boot=20, seed=1,
+                       quality_threshold=0.5)
+    n_folds = cases["fold"].nunique()
+    assert len(calls) == n_folds * (1 + 20)
+    val_ids = set(cases.loc[cases["split"] == "val", "subject_id"])
+    for splits, folds, ids in calls:
+        assert splits == {"val"} and len(folds) == 1 and ids <= val_ids
+
+
+def test_choice_stability_counts_no_win_where_no_aurc_exists():
+    cases = _paired_cases(n=40)
+    scores = [ev.qc_score(n) for n in ("dr_error", "pairwise_dice")]
+    table = report.choice_stability(cases, scores, n_boot=50, seed=1)
+    assert table["wins"].sum() == 50
+    blank = cases.assign(dr_error=np.nan, pairwise_dice=np.nan)
+    blank.loc[blank["split"] == "val", ["dr_error", "pairwise_dice"]] = 0.5
+    # constant scores still give an AURC (one step): every resample decides, the first wins
+    assert report.choice_stability(blank, scores, n_boot=50, seed=1)["wins"].sum() == 50
+
+
+def test_split_prevalence_note_counts_each_split():
+    cases = _paired_cases(n=40)
+    note = report.split_prevalence_note(cases, quality_threshold=0.5)
+    val = cases[cases["split"] == "val"]
+    assert f"{int((val['true_dice'] < 0.5).sum())} of {len(val)} validation rows" in note

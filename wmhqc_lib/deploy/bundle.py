@@ -298,10 +298,15 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
                                 "fold's validation and test cases and choose the thresholds "
                                 "again in every resample; triage lets all fold models vote on "
                                 "the delivered segmentation, which the study cannot test (each "
-                                "case is test data for one fold model only): the deployed "
-                                "rule is measured on new scans (deployed_check)",
+                                "case is test data for one fold model only), and it scores "
+                                "the delivered mask with each fold model's own maps, while the "
+                                "thresholds, the prevalence and these figures come from each "
+                                "fold model's own mask: the deployed rule is measured on new "
+                                "scans (deployed_check)",
         "choice_stability": ev.to_jsonable(stability.reset_index().to_dict(orient="records")),
-        "choice_stability_note": report.stability_note(stability),
+        "choice_stability_note": report.stability_note(stability) if score is None else
+        (f"named by the user ({chosen.label}); the validation rows would choose: "
+         + report.stability_note(stability)),
         "failure_auroc": {k: float(boot.loc["failure_auroc", k]) for k in ("estimate", "low",
                                                                             "high")},
         "aurc": {k: float(boot.loc["aurc", k]) for k in ("estimate", "low", "high")},
@@ -368,7 +373,9 @@ def card_markdown(card: dict, deployed: dict | None = None) -> str:
     if deployed:
         lines += ["## The deployed rule on new scans", "",
                   f"{deployed['n_scans']} new synthetic scans from the study's sites (seeds "
-                  f"{deployed.get('seeds')}), {deployed['n_failed']} failed, triaged with this "
+                  f"{deployed.get('seeds')}), {deployed['n_failed']} failed, "
+                  f"{deployed.get('n_error', 0)} in error (counted as sent to review), "
+                  "triaged with this "
                   "bundle's full rule (vote of the fold models on the delivered segmentation, "
                   "empty-segmentation and out-of-distribution checks); Wilson 95 % intervals:",
                   "",

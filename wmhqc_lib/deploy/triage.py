@@ -8,8 +8,11 @@ FLAIR/T1 pair. Per scan: the study's preprocessing; every fold model's MC infere
 QC judges the segmentation it delivers. Fold model k scores the delivered mask with its own
 networks and its own MC maps: its reconstruction net fills the delivered mask (error maps and
 their scores), its entropy is read in and around the delivered mask, and its Dice regressors
-see the pair built from the delivered mask (with fold k's entropy or error map), so each
-predicts the Dice of the delivered mask. Scores that read no mask
+see the pair built from the delivered mask (with fold k's entropy or error map), so each is
+asked for the Dice of the delivered mask. The thresholds were chosen on scores of each fold
+model's own mask (with maps that matched it), never on this pairing: how the deployed rule
+fares is measured on new scans (``benchmarks/deployed_rule.py``), not assumed. Scores that read
+no mask
 (:data:`MASK_FREE_SCORES`: the entropy and mutual-information sums and the pairwise Dice of
 fold k's MC samples) describe fold k's own samples; a record names which scores are which
 (``scores_on_delivered_mask``, ``scores_of_fold_samples``). Each fold compares the bundle's QC

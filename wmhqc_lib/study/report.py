@@ -256,8 +256,9 @@ def choice_stability(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boo
     aurc = np.column_stack([ev.resampled_metric(val, spec, rows, metric="aurc",
                                                 dice_column=dice_column)
                             for spec in candidates])
+    decided = np.isfinite(aurc).any(axis=1)  # a resample where no AURC exists decides nothing
     winner = np.argmin(np.where(np.isfinite(aurc), aurc, np.inf), axis=1)  # first on ties
-    wins = np.bincount(winner, minlength=len(candidates))
+    wins = np.bincount(winner[decided], minlength=len(candidates))
     table = pd.DataFrame({"score": [s.label for s in candidates], "wins": wins,
                           "share": wins / n_boot,
                           "chosen": [s.name == chosen.name for s in candidates],
@@ -265,6 +266,23 @@ def choice_stability(cases: pd.DataFrame, scores: Sequence[ev.QCScore], *, n_boo
     table = table.sort_values(["wins", "_order"], ascending=[False, True], kind="stable")
     table.attrs.update(n_boot=n_boot, n_rows=len(val))
     return table.drop(columns="_order").set_index("score")
+
+
+def split_prevalence_note(cases: pd.DataFrame, *,
+                          quality_threshold: float = ev.QUALITY_THRESHOLD,
+                          dice_column: str = ev.DICE_COLUMN) -> str:
+    """The failure prevalence of the validation rows (which choose) beside the test rows'
+    (which report): the segmentation networks kept their checkpoints by validation quality, so
+    a lower failure rate on validation rows is the optimism that choice carries."""
+    parts = []
+    for split in ("val", "test"):
+        rows = cases[cases["split"].astype(str) == split]
+        failed = int((rows[dice_column] < quality_threshold).sum())
+        parts.append(f"{failed} of {len(rows)} {'validation' if split == 'val' else 'test'} "
+                     f"rows failed ({failed / max(len(rows), 1):.0%})")
+    return (f"Failure prevalence, lesion Dice < {quality_threshold}: " + "; ".join(parts)
+            + ". The validation cases chose the networks' checkpoints as well as the score and "
+            "its thresholds.")
 
 
 def stability_note(stability: pd.DataFrame) -> str:
