@@ -765,16 +765,14 @@ def score_against_truth(out_dir: str | Path, truth: pd.DataFrame, quality_thresh
 
 
 def realised(scored: pd.DataFrame) -> dict:
-    """Precision, recall and review fraction of the flags on scans with known failure."""
+    """Counts, precision, recall, specificity, review fraction and prevalence of the flags on
+    scans with known failure."""
+    from ..qc.evaluation import operating_counts
+
     flagged = scored["flagged"].astype(bool).to_numpy()
     failed = scored["failed"].astype(bool).to_numpy()
-    tp = int((flagged & failed).sum())
-    return {
-        "n_scans": len(scored), "n_failed": int(failed.sum()), "n_flagged": int(flagged.sum()),
-        "precision": tp / flagged.sum() if flagged.any() else math.nan,
-        "recall": tp / failed.sum() if failed.any() else math.nan,
-        "review_fraction": float(flagged.mean()) if len(scored) else math.nan,
-    }
+    return {"n_scans": len(scored), "n_failed": int(failed.sum()),
+            "n_flagged": int(flagged.sum()), **operating_counts(failed, flagged)}
 
 
 def promise_vs_realised(card: dict, scored: pd.DataFrame, group: str = "kind") -> pd.DataFrame:

@@ -978,8 +978,9 @@ def resampled_metric(cases: pd.DataFrame, score: str | QCScore, rows: np.ndarray
 OPERATING_METRICS = ("recall", "specificity", "review_fraction", "precision", "prevalence")
 
 
-def _operating_counts(failed: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
-    """:data:`OPERATING_METRICS` of one set of flags (NaN where a ratio has no cases)."""
+def operating_counts(failed: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+    """:data:`OPERATING_METRICS` of one set of flags, positive = failed (NaN where a ratio
+    has no cases): the study's operating point and triage's realised one use this."""
     tp = float(np.sum(failed & flagged))
     n_failed, n_flagged, n = float(failed.sum()), float(flagged.sum()), len(failed)
     return {"recall": _ratio(tp, n_failed),
@@ -1019,7 +1020,7 @@ def operating_point(cases: pd.DataFrame, score: str | QCScore, rule: str, *,
                       test[spec.column].to_numpy(float), point.thresholds[fold]))
     failed = np.concatenate([p[1] for p in parts])
     flagged = np.concatenate([flag_cases(p[2], p[3], spec.higher_is_better) for p in parts])
-    estimate = _operating_counts(failed, flagged)
+    estimate = operating_counts(failed, flagged)
     rng = np.random.default_rng([seed, 23])
     samples = {m: np.empty(n_boot) for m in OPERATING_METRICS}
     for b in range(n_boot):
@@ -1033,7 +1034,7 @@ def operating_point(cases: pd.DataFrame, score: str | QCScore, rule: str, *,
             pick = rng.integers(0, len(test_failed), len(test_failed))
             fails.append(test_failed[pick])
             flags.append(flag_cases(test_values[pick], threshold, spec.higher_is_better))
-        for name, value in _operating_counts(np.concatenate(fails),
+        for name, value in operating_counts(np.concatenate(fails),
                                              np.concatenate(flags)).items():
             samples[name][b] = value
     alpha = (1.0 - level) / 2
