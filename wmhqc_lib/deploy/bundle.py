@@ -72,6 +72,10 @@ class Bundle:
     #: the networks triage loaded from this bundle, kept for its next run in this process
     #: (loading and tracing them costs seconds per run)
     networks: list = field(default_factory=list, compare=False, repr=False)
+    #: a site calibration layer laid over the bundle (``deploy/layer.py``): its ``sites`` map
+    #: a site to the threshold and rule re-chosen on that site's reviewed scans; ``None`` when
+    #: triage uses the bundle as exported
+    layer: dict | None = None
 
     @property
     def score(self) -> ev.QCScore:
@@ -83,8 +87,29 @@ class Bundle:
     def folds(self) -> list[int]:
         return [int(f["fold"]) for f in self.info["folds"]]
 
-    def threshold(self, fold: int) -> float:
+    def site_rule(self, site: str | None) -> dict | None:
+        """The layer's rule for ``site`` (``threshold``, ``combine``...), or ``None`` when no
+        layer is loaded or it has none for this site (the bundle's own rule then applies)."""
+        if self.layer is None or site is None:
+            return None
+        return self.layer.get("sites", {}).get(str(site))
+
+    def threshold(self, fold: int, site: str | None = None) -> float:
+        """Fold ``fold``'s threshold: the site layer's for a calibrated site, else the
+        bundle's (chosen on that fold's validation rows, or the guaranteed common one)."""
+        rule = self.site_rule(site)
+        if rule is not None:
+            return float(rule["threshold"])
         return next(float(f["threshold"]) for f in self.info["folds"] if f["fold"] == fold)
+
+    def combine(self, site: str | None = None) -> str:
+        """How the fold models' flags make the scan's flag: ``"half"`` (at least half of the
+        folds flag; the exported default) or ``"any"`` (one fold flagging is enough; the rule
+        a recall guarantee holds for, since the recall of "any" is at least each fold's)."""
+        rule = self.site_rule(site)
+        if rule is not None:
+            return str(rule.get("combine", "any"))
+        return str(self.info.get("combine", "half"))
 
     def model_path(self, fold: int, name: str) -> Path:
         return self.root / f"fold{fold}" / f"{name}.keras"
