@@ -1,6 +1,7 @@
 """Shared browser helpers for the tests that open pages in headless Chromium (the built book,
-the triage reports): one Chromium per test session, pages served on 127.0.0.1, and a watch that
-records console errors, failed requests and any request leaving the machine.
+the triage reports): one Chromium per test session, pages served on 127.0.0.1 or opened from
+``file://`` (:func:`file_base`), and a watch that records console errors, failed requests and
+any request leaving the machine.
 
 Set ``WMHQC_REQUIRE_BROWSER=1`` (CI does) to fail instead of skipping where Chromium or
 Playwright is missing; ``WMHQC_CHROMIUM`` points at another Chromium binary.
@@ -75,12 +76,20 @@ def served(directory: Path) -> Iterator[str]:
         server.server_close()
 
 
+def file_base(directory: Path) -> str:
+    """``directory`` as a ``file://`` base URL for :class:`Tab` (no server: pages opened as a
+    reader double-clicking them would open them)."""
+    return Path(directory).resolve().as_uri()
+
+
 class PageWatch:
     """Console errors, uncaught exceptions, failed and off-machine requests of one page.
 
     Requests are watched, not intercepted: routing them through Playwright would switch the
     browser cache off, and every page would parse plotly's 4.8 MB again (3 s a page here
-    instead of 1). A request to another host is a problem whether or not it could load."""
+    instead of 1). A request to another host is a problem whether or not it could load. For a
+    ``file://`` base the host is empty, so every network request (http, https, ws, ftp) is a
+    problem, while ``file:``, ``data:`` and ``blob:`` URLs stay on the machine."""
 
     def __init__(self, page, base: str):
         self.problems: list[str] = []
@@ -101,7 +110,7 @@ class PageWatch:
 
         def request(r):
             url = urlparse(r.url)
-            if url.scheme in ("http", "https", "ws", "wss") and url.netloc != host:
+            if url.scheme in ("http", "https", "ws", "wss", "ftp") and url.netloc != host:
                 self.problems.append(f"off-machine request: {r.url}")
 
         page.on("request", request)
@@ -109,11 +118,18 @@ class PageWatch:
 
 class Tab:
     """One browser page that a test module navigates from document to document, keeping the
-    cache and the compiled scripts; ``open`` starts each document with a clean watch."""
+    cache and the compiled scripts; ``open`` starts each document with a clean watch.
+
+    ``browser`` is a Browser (the page gets a context of its own) or a BrowserContext, whose
+    pages share storage (``localStorage``) and downloads settings."""
 
     def __init__(self, browser, base: str):
         self.base = base
-        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        if hasattr(browser, "new_context"):  # a Browser
+            self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        else:  # a BrowserContext: its new_page takes no viewport
+            self.page = browser.new_page()
+            self.page.set_viewport_size({"width": 1280, "height": 900})
         self.watch = PageWatch(self.page, base)
 
     def open(self, rel: str, viewport: tuple[int, int] = (1280, 900), settle_ms: int = 300):

@@ -176,3 +176,23 @@ def test_section_is_a_copy_and_missing_section_errors(custom_file):
     assert "'mine'" in str(err.value)
     with pytest.raises(KeyError, match="no section .no_such_section."):
         load_profile("cpu").section("no_such_section")
+
+
+@pytest.mark.parametrize("name", PROFILE_NAMES)
+def test_guarantee_section_is_complete_in_every_profile(name):
+    """Chapter 08 and benchmarks/guarantee.py read these keys; sizes name the study's counts."""
+    from wmhqc_lib.qc import guarantee
+
+    settings = load_profile(name).section("guarantee")
+    for key in ("targets", "simulation_targets"):
+        values = settings[key]
+        assert values == sorted(values) and all(0 < t < 1 for t in values), key
+    assert all(0 < c < 1 for c in [settings["confidence"], *settings["simulation_confidences"]])
+    assert isinstance(settings["draws"], int) and settings["draws"] >= 100
+    sizes = guarantee.calibration_sizes(settings["calibration_sizes"], 80, 185)
+    assert list(sizes.values()) == [80, 185]
+
+
+def test_guarantee_draws_grow_from_smoke_to_paper():
+    draws = {n: load_profile(n).section("guarantee")["draws"] for n in PROFILE_NAMES}
+    assert draws["smoke"] < draws["cpu"] <= draws["paper"]

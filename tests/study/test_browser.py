@@ -64,7 +64,7 @@ def test_every_page_loads_offline_without_errors(tab, served_book):
         assert not watch.problems, f"{rel}: {watch.problems[:5]}"
         counts[rel] = page.locator(".plotly-graph-div svg.main-svg").count()
     for chapter in ("01_data", "02_mc_unet", "03_uncertainty", "04_rec_unet",
-                    "05_dice_regression", "06_evaluation", "07_triage"):
+                    "05_dice_regression", "06_evaluation", "07_triage", "08_guarantee"):
         assert counts[f"notebooks/{chapter}.html"] >= 1, f"{chapter}: no plotly figure drawn"
 
 

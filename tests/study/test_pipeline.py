@@ -36,10 +36,15 @@ def test_reproduce_smoke_builds_the_book(smoke_run):
     assert "promised (study test folds" in triage_page and "synthetic" in triage_page
     assert "_static/triage/group_qc.html" in triage_page
     assert (results / "triage" / "bundle" / "manifest.json").exists()
+    guarantee_page = (html / "notebooks" / "08_guarantee.html").read_text()
+    assert "plotly-graph-div" in guarantee_page and "synthetic cohort" in guarantee_page
+    assert "share_met" in guarantee_page  # the simulation table
+    for table in ("tradeoff.csv", "simulation.csv"):
+        assert len(pd.read_csv(results / "guarantee" / table)) >= 1, table
     timing = (results / "timing.txt").read_text().splitlines()  # every step, no temp file left
     assert [ln.split()[0] for ln in timing[1:]] == [
         "01_data", "02_mc_unet", "03_uncertainty", "04_rec_unet", "05_dice_regression",
-        "06_evaluation", "07_triage"]
+        "06_evaluation", "07_triage", "08_guarantee"]
     assert [p.name for p in results.glob(".timing.txt.*")] == [".timing.txt.lock"]
     methods = (html / "book" / "methods.html").read_text()
     assert "The evaluation framework" in methods and "03_uncertainty.html" in methods

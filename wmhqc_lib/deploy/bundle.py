@@ -4,9 +4,13 @@ The study answers which QC score finds failed segmentations; a bundle carries th
 new scans: every fold's networks, the preprocessing they were trained with, the QC score and
 each fold's threshold for it (both chosen on validation rows, never test rows), and a model
 card that states what the study measured on its test folds, so triage can say what its flag
-promises. Layout of a bundle folder::
+promises. Exported with a target recall, the bundle carries instead one threshold for every
+fold with a recall guarantee (``qc/guarantee.py``), chosen on the validation rows of all folds
+pooled, and the rule that a scan is flagged when any fold flags it (``combine``); the card
+states the guarantee, its assumptions and what it costs. Layout of a bundle folder::
 
     bundle.json         format version, code version, profile, settings, score, thresholds,
+                        how the folds' flags combine and the guarantee (when exported with one),
                         the validation cases' scores (to place a new scan among them) and the
                         training cohort's image-feature ranges (out-of-distribution check)
     model_card.json     the measured operating point on the study's test folds, with intervals
@@ -30,6 +34,7 @@ import pandas as pd
 from ..config import PreprocessSettings, Profile, load_profile, profile_names
 from ..data import cohort, preprocess
 from ..qc import evaluation as ev
+from ..qc import guarantee as g
 from ..study import report
 from ..study.environment import code_version
 from ..study.steps import FoldPaths, file_digest
@@ -56,6 +61,16 @@ OOD_FEATURES = tuple(f for f in preprocess.IMAGE_FEATURES if f != "axis_skew_deg
 FEATURE_BOUNDS = {"brain_fill": (0.0, 1.0), "flair_bright_fraction": (0.0, 1.0),
                   "flair_t1_correlation": (-1.0, 1.0), "flair_smoothness": (-1.0, 1.0)}
 NON_NEGATIVE = (0.0, math.inf)
+
+#: The card's flag rule for each way of combining the fold models' flags.
+FLAG_RULES = {
+    "half": "a scan is flagged when at least half of the fold models flag the delivered "
+            "segmentation (the mean of the fold models' MC means cut at 0.5), when nothing is "
+            "segmented, or when it is unlike the training cohort",
+    "any": "a scan is flagged when any fold model flags the delivered segmentation (the mean "
+           "of the fold models' MC means cut at 0.5), when nothing is segmented, or when it is "
+           "unlike the training cohort",
+}
 
 
 class BundleError(ValueError):
@@ -228,16 +243,78 @@ def _score_choice(cases: pd.DataFrame, score: str | None, seed: int
     return chosen, dice, table
 
 
+def _guarantee(cases: pd.DataFrame, spec: ev.QCScore, folds: list[int], target: float,
+               confidence: float, quality: float) -> tuple[g.RecallGuarantee, dict]:
+    """The common guaranteed threshold of the pooled validation rows and its description for
+    the bundle, or a :class:`BundleError` that says how many labelled failures are missing."""
+    chosen = g.choose_pooled(cases, spec, target, confidence, quality_threshold=quality)
+    per_fold = g.failures_per_fold(cases, quality_threshold=quality)
+    val = cases[cases["split"] == "val"]
+    counts = ", ".join(f"fold {f}: {n}" for f, n in per_fold.items())
+    if not chosen.feasible:
+        raise BundleError(
+            f"--target-recall {target} --confidence {confidence}: no guarantee, nothing "
+            f"exported: the choosing rows (the {chosen.n_rows} validation cases of folds "
+            f"{folds} pooled) hold {chosen.n_failures} labelled failures ({counts}); recall >= "
+            f"{target} with {confidence} confidence needs at least {chosen.failures_needed} "
+            "labelled failures. Lower the target or the confidence, label more failed cases, "
+            "or export without --target-recall")
+    described = {
+        "statement": chosen.statement(), "target_recall": target, "confidence": confidence,
+        "method": chosen.method, "threshold": chosen.threshold,
+        "choosing_rows": f"the validation cases of folds {folds} pooled, each scored by the "
+                         "fold model that never trained on it",
+        "n_rows": chosen.n_rows, "n_subjects": int(val["subject_id"].nunique()),
+        "n_failures": chosen.n_failures, "failures_per_fold": per_fold,
+        "failures_needed": chosen.failures_needed, "allowed_misses": chosen.allowed_misses,
+        "review_fraction_choosing_rows": chosen.review_fraction, "combine": "any",
+        "assumptions": [
+            "Failures to come are exchangeable with the labelled ones: the same sites, "
+            "scanners, protocols and segmenter as the study's cohort. At a site the study "
+            "never saw the promise does not hold until that site's own reviewed scans "
+            "calibrate a threshold for it.",
+            f"A labelled failure is a fold model's own segmentation with lesion Dice < "
+            f"{quality}; triage delivers the ensemble's mask (the mean of the fold models), "
+            "which no study row labels.",
+            "The vote rule is \"any\": a scan is flagged when any fold model flags it, so it "
+            "is flagged whenever a single fold model would be, and the recall calibrated "
+            "here, that of one fold model on its own validation cases, is a floor for it.",
+            f"The {chosen.n_rows} pooled validation rows are treated as independent draws; "
+            f"they come from {int(val['subject_id'].nunique())} subjects (a subject can "
+            "validate more than one fold).",
+            "The promise is on recall alone: how many successful segmentations go to review "
+            "is the cost below, measured, not guaranteed."],
+    }
+    return chosen, described
+
+
 def export_study(results_dir: str | Path, out_dir: str | Path, *,
                  profile: str | Profile | None = None, score: str | None = None,
-                 folds: list[int] | None = None, overwrite: bool = False) -> Bundle:
+                 folds: list[int] | None = None, overwrite: bool = False,
+                 target_recall: float | None = None,
+                 confidence: float | None = None) -> Bundle:
     """Write the bundle of a finished study (see the module docstring) and return it loaded.
 
     ``score``: the QC score to carry (default: the lowest AURC on the pooled validation rows,
     the evaluation chapter's rule). ``folds``: default every fold of the profile; each must
     have finished every step. Each fold's threshold is chosen on that fold's validation rows
-    with the profile's ``evaluation.select`` rule.
+    with the profile's ``evaluation.select`` rule, and at least half the folds must flag.
+
+    ``target_recall`` (with ``confidence``, default :data:`qc.guarantee.DEFAULT_CONFIDENCE`):
+    instead, one threshold for every fold, guaranteed on the validation rows of all exported
+    folds pooled (:mod:`qc.guarantee`), and a scan is flagged when any fold flags it; the card
+    states the guarantee, its assumptions and its cost. When the rows hold too few failures
+    the export raises :class:`BundleError` and writes nothing.
     """
+    if confidence is not None and target_recall is None:
+        raise BundleError(f"--confidence {confidence} without --target-recall: a confidence "
+                          "belongs to a target recall")
+    if target_recall is not None:
+        confidence = g.DEFAULT_CONFIDENCE if confidence is None else float(confidence)
+        try:
+            g.check_target(float(target_recall), confidence)
+        except ValueError as exc:
+            raise BundleError(f"--target-recall/--confidence: {exc}") from None
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     prof = profile_of(results_dir, profile)
     folds = sorted(folds or range(1, prof.folds.n_folds + 1))
@@ -253,6 +330,10 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     section = prof.section("evaluation")
     quality, rule = float(section["quality_threshold"]), str(section["select"])
     chosen, dice_spec, val_table = _score_choice(cases, score, prof.seed)
+    guaranteed, guarantee = None, None
+    if target_recall is not None:
+        guaranteed, guarantee = _guarantee(cases, chosen, folds, float(target_recall),
+                                           confidence, quality)
     evaluation = ev.evaluate_folds(cases, chosen, select=rule, quality_threshold=quality)
     test = cases[cases["split"] == "test"]
     test = pd.concat([test[test["fold"] == f] for f in folds])
@@ -278,7 +359,9 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
         folder.mkdir()
         for name, src in _required_files(results_dir, fold, dr_names).items():
             shutil.copy2(src, folder / f"{name}.keras")
-        fold_info.append({"fold": fold, "threshold": float(evaluation.thresholds[fold])})
+        threshold = (guaranteed.threshold if guaranteed is not None
+                     else evaluation.thresholds[fold])
+        fold_info.append({"fold": fold, "threshold": float(threshold)})
     val = cases[cases["split"] == "val"]
     reference = {"fold": val["fold"].astype(int).tolist(),
                  "score": val[chosen.column].astype(float).tolist(),
@@ -308,13 +391,13 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
         "validation_reference": reference,
         "feature_ranges": _feature_ranges(results_dir, subjects),
     }
+    if guarantee is not None:
+        info["combine"] = "any"
+        info["guarantee"] = guarantee
     card = {
         "score": chosen.label, "failure": f"lesion Dice < {quality} on the native FLAIR grid",
         "threshold_rule": f"{rule}, chosen per fold on that fold's validation cases",
-        "flag_rule": "a scan is flagged when at least half of the fold models flag the "
-                     "delivered segmentation (the mean of the fold models' MC means cut at "
-                     "0.5), when nothing is segmented, or when it is unlike the training "
-                     "cohort",
+        "flag_rule": FLAG_RULES["half"],
         "test_operating_point": operating[True],
         "test_operating_point_fixed_thresholds": operating[False],
         "promise": ["recall", "specificity", "review_fraction"],
@@ -343,6 +426,12 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
                    "n_preprocessing_failed": int((prep["status"] == "failed").sum())},
         "profile": prof.name, "folds": folds, "code_version": info["generated_by"]["version"],
     }
+    if guarantee is not None:
+        cost = g.guarantee_cost(cases, chosen, guarantee["target_recall"],
+                                guarantee["confidence"], n_boot=n_boot, seed=prof.seed,
+                                quality_threshold=quality)
+        cost.pop("guarantee")
+        card.update(_guarantee_card(guarantee, cost, operating[True], rule))
     (tmp / INFO).write_text(json.dumps(ev.to_jsonable(info), indent=1))
     (tmp / CARD).write_text(json.dumps(ev.to_jsonable(card), indent=1))
     (tmp / CARD_MD).write_text(card_markdown(card))
@@ -355,10 +444,71 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     return load_bundle(out_dir)
 
 
+def _guarantee_card(guarantee: dict, cost: dict, profile_op: dict, rule: str) -> dict:
+    """The card's entries for a guaranteed threshold: its rules, the guarantee with its cost
+    on the test folds, and which operating point is the profile's rule."""
+    return {
+        "threshold_rule": (f"one threshold for every fold, chosen on the validation cases of "
+                           f"all exported folds pooled so that recall >= "
+                           f"{guarantee['target_recall']} holds with "
+                           f"{guarantee['confidence']} confidence (the guarantee)"),
+        "flag_rule": FLAG_RULES["any"],
+        "guarantee": guarantee | {
+            "cost": cost,
+            "cost_note": "the test cases of all folds pooled, each flagged by the fold model "
+                         "that never saw it with the common threshold; 95 % intervals from "
+                         "resampling each fold's validation and test cases, the threshold "
+                         "chosen again on the resampled validation cases (a resample with too "
+                         "few failures for the guarantee reviews every case)",
+            "profile_rule": rule,
+            "profile_rule_review_fraction": profile_op["review_fraction"],
+            "profile_rule_recall": profile_op["recall"]},
+        "test_operating_point_rule": (f"the profile's rule ({rule}, a threshold per fold, "
+                                      "half the folds must flag), for comparison: this "
+                                      "bundle flags with the guaranteed threshold instead"),
+    }
+
+
 def _interval(d: dict | None) -> str:
     if not d or d.get("estimate") is None or not math.isfinite(d["estimate"]):
         return "undefined (no case to count it on)"
     return f"{d['estimate']:.2f} (95 % CI {d['low']:.2f} to {d['high']:.2f})"
+
+
+def _guarantee_markdown(guarantee: dict, cohort_text: str) -> list[str]:
+    """The card's recall guarantee for people: the promise, what it rests on, what it costs."""
+    cost = guarantee["cost"]
+    per_fold = ", ".join(f"fold {f}: {n}" for f, n in guarantee["failures_per_fold"].items())
+    recall = cost["recall"]
+    bound = recall.get("lower_bound")
+    bound_text = (f"; one-sided Clopper–Pearson lower bound at {guarantee['confidence']:.0%} "
+                  f"confidence {bound:.2f}" if bound is not None and math.isfinite(bound)
+                  else "")
+    lines = [
+        "## Recall guarantee", "",
+        f"**{guarantee['statement'][0].upper() + guarantee['statement'][1:]}.**", "",
+        f"- Target recall {guarantee['target_recall']}, confidence "
+        f"{guarantee['confidence']}: one threshold, {guarantee['threshold']:.4g}, for every "
+        f"fold, and a scan is flagged when any fold model flags it.",
+        f"- Chosen on {guarantee['choosing_rows']}: {guarantee['n_rows']} cases from "
+        f"{cohort_text}, {guarantee['n_failures']} labelled failures ({per_fold}). The "
+        f"guarantee needs at least {guarantee['failures_needed']}; with "
+        f"{guarantee['n_failures']} the threshold may leave {guarantee['allowed_misses']} of "
+        "them unflagged.",
+        f"- Method: {guarantee['method']}.", "",
+        "It rests on these assumptions:", ""]
+    lines += [f"- {a}" for a in guarantee["assumptions"]]
+    lines += [
+        "", f"What it costs on the study's {cost['n_cases']} test cases ({cost['n_failed']} "
+        f"failed; {guarantee['cost_note']}; {cost['n_infeasible_resamples']} of "
+        f"{cost['n_boot']} resamples held too few failures):", "",
+        f"- review fraction: {_interval(cost['review_fraction'])}; the profile's rule "
+        f"(`{guarantee['profile_rule']}`): "
+        f"{_interval(guarantee['profile_rule_review_fraction'])}",
+        f"- recall (failures flagged): {_interval(recall)}{bound_text}",
+        f"- precision: {_interval(cost['precision'])} at failure prevalence "
+        f"{_interval(cost['prevalence'])}", ""]
+    return lines
 
 
 def card_markdown(card: dict, deployed: dict | None = None) -> str:
@@ -368,6 +518,7 @@ def card_markdown(card: dict, deployed: dict | None = None) -> str:
     fixed = card.get("test_operating_point_fixed_thresholds")
     rule = card["flag_rule"]
     cohort_text = ("a **synthetic** cohort" if card["cohort"]["synthetic"] else "a real cohort")
+    guarantee = card.get("guarantee")
     lines = [
         "# QC model card", "",
         f"- QC score: {card['score']}; failure means {card['failure']}.",
@@ -375,11 +526,18 @@ def card_markdown(card: dict, deployed: dict | None = None) -> str:
         f"- Trained and tested on {cohort_text} of {card['cohort']['n_subjects']} subjects "
         f"({', '.join(card['cohort']['datasets'])}; sites {', '.join(card['cohort']['sites'])}),"
         f" profile `{card['profile']}`, folds {card['folds']}, code {card['code_version']}.",
-        f"- Choice of the score: {card.get('choice_stability_note', 'not measured')}",
-        "", f"On the study's {op['n_cases']} test cases, {op['n_failed']} failed: failure "
-        f"prevalence {_interval(op.get('prevalence'))}.", "",
-        "What a flag promises (95 % intervals with the thresholds chosen again in every "
-        "resample):", "",
+        f"- Choice of the score: {card.get('choice_stability_note', 'not measured')}", ""]
+    promise = ("What a flag promises (95 % intervals with the thresholds chosen again in every "
+               "resample):")
+    if guarantee:
+        lines += _guarantee_markdown(guarantee, cohort_text)
+        lines += ["## The profile's rule, for comparison (not this bundle's thresholds)", "",
+                  f"The operating point below is {card['test_operating_point_rule']}.", ""]
+        promise = ("What a flag of the profile's rule promises (95 % intervals with the "
+                   "thresholds chosen again in every resample):")
+    lines += [
+        f"On the study's {op['n_cases']} test cases, {op['n_failed']} failed: failure "
+        f"prevalence {_interval(op.get('prevalence'))}.", "", promise, "",
         f"- recall (failures flagged): {_interval(op['recall'])}",
         f"- specificity (successes passed): {_interval(op.get('specificity'))}",
         f"- review fraction: {_interval(op['review_fraction'])}", "",

@@ -3,16 +3,27 @@
 The reader is the person who decides which segmentations to check by hand. Written at the root
 of the triage output dataset (``*.html`` is in its ``.bidsignore``):
 
-- ``sub-<label>.html``, one per participant, one section per scan: the verdict in words and
+- ``sub-<label>.html``, one per participant, one section per scan: the QC flag in words and
   why, what a flag promises (the model card's test-fold figures), the segmentation, the
-  uncertainty and the error map on the scan's own FLAIR, and the scan's QC score among the
-  study's validation cases;
-- ``group_qc.html``: every scan in a table (flagged first) and in a plot whose points link to
-  the subject pages.
+  uncertainty and the error map on the scan's own FLAIR, the scan's QC score among the
+  study's validation cases, and the controls for the reviewer's own verdict;
+- ``group_qc.html``: every scan in a table (flagged first) with the reviewers' verdicts, a
+  plot whose points link to the subject pages, and the export of the verdicts as a TSV.
 
-Pages are self-contained (inline CSS, PNG figures as base64 data URIs, the group plot as inline
-SVG), so they open from ``file://`` or any server and make no network request; hospitals often
-have none. Given the same records, bundle and images they are byte-identical.
+Two kinds of judgement appear and are kept apart in names: the *flag* (review recommended or
+not), which triage computed and the page only shows, and the *reviewer's verdict*
+(:data:`REVIEW_VERDICTS`), which a person gives on the page. A reviewer's verdict lives in the
+browser's ``localStorage`` under the output's store key (:func:`verdict_store_key`, written into
+every page), so the pages stay static files: they need no server, and the group page exports
+the verdicts from ``file://`` as ``verdicts.tsv`` (:data:`VERDICT_COLUMNS`), the file that
+``wmhqc calibrate`` reads. A scan in error gets one choice only, *unusable scan*: with no
+segmentation there is nothing to accept or correct, but a reviewer confirming that the input
+itself is unusable (not the pipeline at fault) is worth recording.
+
+Pages are self-contained (inline CSS and script, PNG figures as base64 data URIs, the group
+plot as inline SVG), so they open from ``file://`` or any server and make no network request
+(their content security policy forbids any); hospitals often have none. Given the same
+records, bundle and images they are byte-identical.
 
 Inputs appear by their names relative to the raw dataset (``bids:raw:...``), as in the records;
 the FLAIR behind a figure is found through the derivative's ``DatasetLinks.raw``. This module
@@ -24,6 +35,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import html
 import io
 import json
@@ -31,7 +43,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.pool import Pool
 from pathlib import Path
 from urllib.parse import quote
@@ -44,10 +56,27 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..study.plots import diverging_limit
-from .bundle import Bundle
+from ..study.steps import file_digest
+from .bundle import MANIFEST, Bundle
 from .records import RECORD_SUFFIX, clip_dice, out_of_distribution, resolve_input
 
 GROUP_HTML = "group_qc.html"
+#: The reviewer's verdicts on a scan, as stored and exported, with their words on the page.
+REVIEW_VERDICTS = {"acceptable": "segmentation acceptable",
+                   "needs_correction": "needs correction",
+                   "unusable": "unusable scan"}
+#: The one verdict offered for a scan in error (it has no segmentation to judge).
+ERROR_REVIEW_VERDICTS = ("unusable",)
+#: The file the group page's export downloads, and its columns (``wmhqc calibrate`` reads it).
+VERDICTS_TSV = "verdicts.tsv"
+VERDICT_COLUMNS = ("participant_id", "session_id", "verdict", "note", "reviewer", "time")
+#: ``localStorage`` keys: the verdicts of one output (a suffix from :func:`verdict_store_key`)
+#: and the reviewer's name, shared by every output so it is typed once.
+VERDICT_STORE_PREFIX = "wmhqc-verdicts:"
+REVIEWER_STORE_KEY = "wmhqc-reviewer"
+#: Nothing but the page itself: inline style and script, data-URI images, no request at all.
+_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'")
 #: Okabe-Ito colours, readable with colour-vision deficiency.
 FLAGGED_COLOR, PASSED_COLOR, ERROR_COLOR = "#D55E00", "#0072B2", "#6b6b6b"
 N_CUTS = 5
@@ -72,6 +101,159 @@ figure{margin:.8em 0}figcaption{font-size:.9em;color:#444}
 img,svg{max-width:100%;height:auto}.brain img{background:#000}svg text{pointer-events:none}
 svg a use{cursor:pointer}#scans td:first-child{white-space:nowrap}
 .note{color:#555;font-size:.9em}nav a{margin-right:1em}
+.audit{background:#fff3cd;border:2px dashed #b58900;padding:.3em .7em;font-weight:600}
+span.audit{display:inline-block;padding:0 .3em;margin-left:.3em;font-size:.85em}
+form.reviewer-verdict fieldset{border:2px solid #0072B2;padding:.5em .9em;margin:.8em 0}
+form.reviewer-verdict legend{font-weight:600}
+form.reviewer-verdict label{display:block;margin:.15em 0}
+form.reviewer-verdict textarea{display:block;width:100%;max-width:40em;box-sizing:border-box}
+.reviewer-verdict-status{color:#444;font-size:.9em;margin-left:.6em}
+"""
+
+# The reviewer's verdicts in the browser: one script on every page. Subject pages save each
+# form.reviewer-verdict as it changes; the group page reads the verdicts into its table, counts
+# them and exports them. Text a reviewer typed is only ever set as textContent or a form value.
+_REVIEW_JS_CONSTANTS = (f"var REVIEWER = {json.dumps(REVIEWER_STORE_KEY)};\n"
+                        f"var LABELS = {json.dumps(REVIEW_VERDICTS)};\n"
+                        f"var COLUMNS = {json.dumps(VERDICT_COLUMNS)};\n"
+                        f"var TSV = {json.dumps(VERDICTS_TSV)};\n")
+_REVIEW_JS = """
+(function () {
+"use strict";
+var meta = document.querySelector('meta[name="wmhqc-verdict-store"]');
+var KEY = meta ? meta.getAttribute("content") : "";
+""" + _REVIEW_JS_CONSTANTS + """var store = null;
+try { store = window.localStorage; store.getItem(REVIEWER); } catch (e) { store = null; }
+function verdicts() {
+  try {
+    var data = JSON.parse(store.getItem(KEY) || "{}");
+    return data && data.verdicts && typeof data.verdicts === "object" ? data.verdicts : {};
+  } catch (e) { return {}; }
+}
+function put(scan, entry) {
+  var all = verdicts();  /* read again: another page may have saved since */
+  if (entry) { all[scan] = entry; } else { delete all[scan]; }
+  store.setItem(KEY, JSON.stringify({"format": 1, "verdicts": all}));
+}
+function known(entry) {
+  return !!entry && Object.prototype.hasOwnProperty.call(LABELS, entry.verdict);
+}
+function now() { return new Date().toISOString().replace(/\\.\\d+Z$/, "Z"); }
+function saved(entry) {
+  if (!entry) { return "No verdict saved."; }
+  return (known(entry) ? "Saved: " + LABELS[entry.verdict] : "Note saved, no verdict chosen") +
+    (entry.reviewer ? ", by " + entry.reviewer : "") + ", " + entry.time + ".";
+}
+var forms = Array.prototype.slice.call(document.querySelectorAll("form.reviewer-verdict"));
+function bind(form) {
+  var scan = form.getAttribute("data-scan");
+  var radios = Array.prototype.slice.call(form.querySelectorAll('input[type="radio"]'));
+  var note = form.querySelector("textarea"), name = form.querySelector('input[name="reviewer"]');
+  var status = form.querySelector(".reviewer-verdict-status");
+  function chosen() {
+    var hit = radios.filter(function (r) { return r.checked; });
+    return hit.length ? hit[0].value : "";
+  }
+  function show(entry) {
+    radios.forEach(function (r) { r.checked = !!entry && r.value === entry.verdict; });
+    note.value = entry && entry.note ? entry.note : "";
+    name.value = entry && entry.reviewer ? entry.reviewer : (store.getItem(REVIEWER) || "");
+    status.textContent = saved(entry);
+  }
+  function save() {
+    var entry = {"verdict": chosen(), "note": note.value, "reviewer": name.value.trim(),
+                 "time": now()};
+    if (!entry.verdict && !entry.note) { entry = null; }
+    put(scan, entry);
+    status.textContent = saved(entry);
+  }
+  form.addEventListener("submit", function (e) { e.preventDefault(); });
+  radios.forEach(function (r) { r.addEventListener("change", save); });
+  note.addEventListener("input", save);
+  name.addEventListener("input", function () {
+    store.setItem(REVIEWER, name.value.trim());
+    if (chosen() || note.value) { save(); }
+    forms.forEach(function (other) { other.wmhqcName(name.value); });
+  });
+  form.querySelector(".clear-verdict").addEventListener("click", function () {
+    put(scan, null);
+    show(null);
+  });
+  form.wmhqcName = function (value) {  /* a name typed in another form of this page */
+    if (!verdicts()[scan] && name.value !== value) { name.value = value; }
+  };
+  show(verdicts()[scan]);
+}
+function clean(text) { return String(text || "").replace(/[\\t\\r\\n]/g, " "); }
+function field(text) { var t = clean(text); return t.trim() ? t : "n/a"; }
+var table = document.getElementById("scans");
+var rows = table ? Array.prototype.slice.call(table.querySelectorAll("tr[data-scan]")) : [];
+function render() {
+  var all = verdicts(), n = 0;
+  rows.forEach(function (row) {
+    var entry = all[row.getAttribute("data-scan")];
+    var cell = row.querySelector("td.reviewer-verdict");
+    if (known(entry)) {
+      n += 1;
+      cell.textContent = LABELS[entry.verdict] +
+        (entry.reviewer ? " (" + entry.reviewer + ")" : "");
+      cell.setAttribute("data-verdict", entry.verdict);
+      cell.title = entry.note || "";
+    } else {
+      cell.textContent = "not reviewed";
+      cell.removeAttribute("data-verdict");
+      cell.title = "";
+    }
+  });
+  document.getElementById("review-count").textContent =
+    n + " of " + rows.length + " scans reviewed (verdicts saved in this browser).";
+}
+function tsv() {
+  var all = verdicts(), lines = [COLUMNS.join("\\t")];
+  rows.forEach(function (row) {
+    var entry = all[row.getAttribute("data-scan")];
+    if (known(entry)) {
+      lines.push([row.getAttribute("data-participant"), row.getAttribute("data-session"),
+                  entry.verdict, field(entry.note), field(entry.reviewer), field(entry.time)]
+                 .join("\\t"));
+    }
+  });
+  return lines;
+}
+function exportVerdicts() {
+  var lines = tsv();
+  var blob = new Blob([lines.join("\\n") + "\\n"],
+                      {"type": "text/tab-separated-values;charset=utf-8"});
+  var link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = TSV;
+  document.body.appendChild(link);
+  link.click();
+  setTimeout(function () { URL.revokeObjectURL(link.href); link.remove(); }, 1000);
+  document.getElementById("export-status").textContent =
+    "Exported " + (lines.length - 1) + " verdict(s) as " + TSV + ".";
+}
+if (!store || !KEY) {
+  forms.forEach(function (form) {
+    form.querySelector(".reviewer-verdict-status").textContent =
+      "This browser keeps no storage for this page: verdicts cannot be saved here.";
+    Array.prototype.forEach.call(form.elements, function (el) { el.disabled = true; });
+  });
+  if (table) {
+    document.getElementById("review-count").textContent =
+      "This browser keeps no storage for this page: no verdicts to show or export.";
+    document.getElementById("export-verdicts").disabled = true;
+  }
+  return;
+}
+forms.forEach(bind);
+if (table) {
+  render();
+  document.getElementById("export-verdicts").addEventListener("click", exportVerdicts);
+  window.addEventListener("storage", function (e) { if (e.key === KEY) { render(); } });
+  window.addEventListener("pageshow", render);
+}
+})();
 """
 
 
@@ -88,27 +270,61 @@ def write_reports(out_dir: Path, table: pd.DataFrame, bundle: Bundle,
     each) are drawn in its workers; the pages are the same bytes either way."""
     out_dir = Path(out_dir)
     records = {rel: _read_record(out_dir / rel) for rel in table["record"]}
+    store = verdict_store_key(records, bundle)
     portable = dataclasses.replace(bundle, networks=[])  # the loaded networks stay here
-    jobs = [(out_dir, participant, [(scan_anchor(rel), records[rel]) for rel in rels], portable)
-            for participant, rels in _by_participant(table).items()]
+    jobs = [(out_dir, participant, [(scan_anchor(rel), records[rel]) for rel in rels], portable,
+             store) for participant, rels in _by_participant(table).items()]
     if pool is not None and len(jobs) > 1:
         written = list(pool.imap(_write_subject_page, jobs))
     else:
         written = [_write_subject_page(job) for job in jobs]
     with _quiet(), matplotlib.rc_context(_RC):
         path = out_dir / GROUP_HTML
-        _write_text(path, group_page(table, bundle))
+        _write_text(path, group_page(_with_review_fields(table, records), bundle,
+                                     verdict_store=store))
         written.append(path)
     return written
 
 
-def _write_subject_page(job: tuple[Path, str, list[tuple[str, dict]], Bundle]) -> Path:
+def _write_subject_page(job: tuple[Path, str, list[tuple[str, dict]], Bundle, str]) -> Path:
     """One participant's page written (also in a worker process); returns its path."""
-    out_dir, participant, scans, bundle = job
+    out_dir, participant, scans, bundle, store = job
     path = out_dir / subject_page_name(participant)
     with _quiet(), matplotlib.rc_context(_RC):
-        _write_text(path, subject_page(out_dir, participant, scans, bundle))
+        _write_text(path, subject_page(out_dir, participant, scans, bundle,
+                                       verdict_store=store))
     return path
+
+
+def verdict_store_key(records: Mapping[str, dict], bundle: Bundle) -> str:
+    """The ``localStorage`` key under which the pages of one triage output keep the reviewers'
+    verdicts: :data:`VERDICT_STORE_PREFIX` and 20 hex digits of a SHA-256 over the bundle's
+    manifest and, per record (by path relative to the output), the scan's participant, session,
+    input name and input digests.
+
+    Every page of a file:// output shares one browser storage with every other output on the
+    machine, so the key must tell outputs apart; it is built from what the output holds, never
+    from where it lies, so the pages stay the same bytes wherever they are drawn and name no
+    folder. A rerun that changes no scan keeps the key (and the verdicts); adding or replacing
+    a scan, or another bundle, starts a fresh store (export the verdicts first)."""
+    manifest = Path(bundle.root) / MANIFEST
+    digest = hashlib.sha256()
+    digest.update((file_digest(manifest) if manifest.is_file()
+                   else json.dumps(bundle.card, sort_keys=True, default=str)).encode())
+    for rel in sorted(records):
+        rec = records[rel]
+        identity = [rel, rec.get("participant_id"), rec.get("session_id"), rec.get("source"),
+                    rec.get("inputs_sha256")]
+        digest.update(b"\n" + json.dumps(identity, sort_keys=True, default=str).encode())
+    return VERDICT_STORE_PREFIX + digest.hexdigest()[:20]
+
+
+def _with_review_fields(table: pd.DataFrame, records: Mapping[str, dict]) -> pd.DataFrame:
+    """``table`` with the records' ``site`` and ``audit`` where it lacks those columns (records
+    written before triage knew them have neither: None)."""
+    extra = {name: [records.get(rel, {}).get(name) for rel in table["record"]]
+             for name in ("site", "audit") if name not in table.columns}
+    return table.assign(**extra) if extra else table
 
 
 def subject_page_name(participant_id: str) -> str:
@@ -403,16 +619,20 @@ def validation_figure(score: float | None, bundle: Bundle) -> str:
 # Subject pages
 
 
-def _page(title: str, body: str, bundle: Bundle) -> str:
-    """A complete HTML5 document: inline style, the synthetic banner where it applies."""
+def _page(title: str, body: str, bundle: Bundle, verdict_store: str) -> str:
+    """A complete HTML5 document: inline style and script, the output's verdict store key, the
+    synthetic banner where it applies."""
     synthetic = (bundle.card.get("cohort") or {}).get("synthetic")
     banner = ('<p class="banner" id="synthetic">Models trained on a synthetic cohort: every '
               "figure and promise on this page describes synthetic data, not patients.</p>"
               if synthetic else "")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<meta name="wmhqc-verdict-store" content="{_esc(verdict_store)}">\n'
             f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            f"{banner}\n{body}\n{_footer(bundle)}\n</body>\n</html>\n")
+            f"{banner}\n{body}\n{_footer(bundle)}\n<script>{_REVIEW_JS}</script>\n"
+            "</body>\n</html>\n")
 
 
 def _footer(bundle: Bundle) -> str:
@@ -428,16 +648,17 @@ def _footer(bundle: Bundle) -> str:
 
 
 def subject_page(out_dir: Path, participant: str, scans: Sequence[tuple[str, dict]],
-                 bundle: Bundle) -> str:
+                 bundle: Bundle, *, verdict_store: str) -> str:
     """One participant's page: a section per scan (session), in session order; ``scans`` are
-    (section id, record) pairs, the maps read from ``out_dir``."""
+    (section id, record) pairs, the maps read from ``out_dir``; the reviewers' verdicts are
+    kept under ``verdict_store`` (:func:`verdict_store_key`)."""
     nav = ['<nav><a href="group_qc.html">← all scans</a>']
     if len(scans) > 1:
         nav += [f'<a href="#{quote(a)}">{_esc(_scan_title(r, a))}</a>' for a, r in scans]
     sections = [scan_section(out_dir, anchor, rec, bundle) for anchor, rec in scans]
     body = (f"{' '.join(nav)}</nav>\n<h1>{_esc(participant)}: WMH segmentation QC</h1>\n"
             + "\n".join(sections))
-    return _page(f"{participant}: WMH segmentation QC", body, bundle)
+    return _page(f"{participant}: WMH segmentation QC", body, bundle, verdict_store)
 
 
 def _scan_title(rec: dict, anchor: str) -> str:
@@ -446,22 +667,66 @@ def _scan_title(rec: dict, anchor: str) -> str:
 
 
 def scan_section(out_dir: Path, anchor: str, rec: dict, bundle: Bundle) -> str:
-    """One scan: verdict, cohort warning, facts, the card's promise, figures, per-fold table."""
+    """One scan: QC flag, cohort warning, facts, the card's promise, figures, the reviewer's
+    verdict controls, per-fold table. A scan in error shows why and the verdict controls with
+    the one choice that fits it (:data:`ERROR_REVIEW_VERDICTS`)."""
     head = (f'<section id="{_esc(anchor)}">\n<h2>{_esc(_scan_title(rec, anchor))}'
-            f' <span class="note">({_esc(rec.get("source", anchor))})</span></h2>\n')
+            f' <span class="note">({_esc(rec.get("source", anchor))})</span></h2>\n'
+            + _audit_marker(rec))
     if rec.get("status") != "ok":
         return (head + '<div class="verdict error"><strong>Could not be triaged</strong>'
                 f"<p>Status: error. Reason: {_esc(rec.get('reason') or 'unknown')}</p></div>\n"
-                "</section>")
-    parts = [head, _verdict(rec, bundle), _ood_block(rec, bundle), _facts(rec, bundle),
+                + (f"<p>Site: {_esc(rec['site'])}</p>\n" if rec.get("site") is not None
+                   else "")
+                + review_form(anchor, rec, ERROR_REVIEW_VERDICTS) + "\n</section>")
+    parts = [head, _flag_box(rec, bundle), _ood_block(rec, bundle), _facts(rec, bundle),
              f"<h3>What a flag means</h3><p>{_esc(promise_text(bundle.card))}</p>"]
     parts.append("<h3>Segmentation and QC maps</h3>" + brain_figures(Path(out_dir), rec))
+    parts.append(review_form(anchor, rec))
     parts.append(_validation_block(rec, bundle))
     parts.append(_per_fold_table(rec))
     return "\n".join(parts) + "\n</section>"
 
 
-def _verdict(rec: dict, bundle: Bundle) -> str:
+def _is_audit(value: object) -> bool:
+    """An ``audit`` field that says yes (a JSON true, or numpy's from a table column)."""
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+def _audit_marker(rec: dict) -> str:
+    if not _is_audit(rec.get("audit")):
+        return ""
+    return ('<p class="audit"><strong>Audit sample: please review</strong> this scan whatever '
+            "its flag. It was drawn at random so that the reviewers' verdicts can show how many "
+            "failed segmentations the flags miss.</p>\n")
+
+
+def review_form(anchor: str, rec: dict, choices: Sequence[str] = tuple(REVIEW_VERDICTS)) -> str:
+    """The controls of the reviewer's verdict on one scan: a radio per choice (values from
+    :data:`REVIEW_VERDICTS`), a note, the reviewer's name and a clear button. The page's script
+    saves them in ``localStorage`` as they change and shows them again on the next visit."""
+    scan = _esc(anchor)
+    radios = "".join(f'<label><input type="radio" name="verdict" value="{_esc(value)}"> '
+                     f"{_esc(REVIEW_VERDICTS[value])}</label>" for value in choices)
+    participant = rec.get("participant_id") or "n/a"
+    session = rec.get("session_id") or "n/a"
+    return (f'<form class="reviewer-verdict" id="reviewer-verdict-{scan}" data-scan="{scan}" '
+            f'data-participant="{_esc(participant)}" data-session="{_esc(session)}">'
+            "<fieldset><legend>Your verdict on this scan</legend>"
+            f"{radios}"
+            '<label>Note <textarea name="note" rows="2"></textarea></label>'
+            '<label>Reviewer <input type="text" name="reviewer" autocomplete="name"></label>'
+            '<button type="button" class="clear-verdict">clear this verdict</button>'
+            '<span class="reviewer-verdict-status" aria-live="polite">Verdicts are kept in this '
+            "browser and need JavaScript.</span>"
+            '<p class="note">Saved in this browser as you choose or type; the group page '
+            "exports every verdict as a TSV. This is your judgement of the segmentation, "
+            "apart from the QC flag above.</p>"
+            "</fieldset></form>")
+
+
+def _flag_box(rec: dict, bundle: Bundle) -> str:
+    """The QC flag of triage in words (not the reviewer's verdict)."""
     if rec.get("flagged"):
         return ('<div class="verdict review"><strong>Review recommended</strong>'
                 f"<p>Why: {_esc(rec.get('reason') or 'flagged')}.</p></div>")
@@ -492,6 +757,8 @@ def _facts(rec: dict, bundle: Bundle) -> str:
                               + (" (nothing segmented)" if rec.get("empty_segmentation")
                                  else "")),
             ("Out of distribution", "yes" if rec.get("out_of_distribution") else "no"),
+            *([("Site", rec["site"] if rec["site"] is not None else "n/a")]
+              if "site" in rec else []),
             ("Input", rec.get("source", "n/a")),
             ("Triage time", f"{_num(rec.get('seconds'), '.1f')} s")]
     cells = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
@@ -544,9 +811,11 @@ def _status_class(row: tuple) -> str:
     return "review" if row.flagged is True else "pass"
 
 
-def group_page(table: pd.DataFrame, bundle: Bundle) -> str:
+def group_page(table: pd.DataFrame, bundle: Bundle, *, verdict_store: str) -> str:
     """Summary line, the scans table (flagged first, as ``table`` is ordered) with links to the
-    subject pages, and the plot of every scan."""
+    subject pages and the reviewers' verdicts (read from ``verdict_store`` in the browser), the
+    export of those verdicts, and the plot of every scan. ``table`` may hold ``site`` and
+    ``audit`` columns; they are shown where present."""
     n = len(table)
     ok = table["status"] == "ok"
     n_flag = int((ok & table["flagged"].eq(True)).sum())
@@ -555,27 +824,54 @@ def group_page(table: pd.DataFrame, bundle: Bundle) -> str:
                f"flagged for review, {int(ok.sum()) - n_flag} passed, {n_err} error(s).")
     body = (f"<h1>WMH segmentation QC: all scans</h1>\n<p class=\"summary\">{_esc(summary)}</p>"
             f"\n<p>{_esc(promise_text(bundle.card))}</p>\n{group_plot(table, bundle)}\n"
-            f"<h2>Scans</h2>\n{_group_table(table)}")
-    return _page("WMH segmentation QC: all scans", body, bundle)
+            f"<h2>Scans</h2>\n{_review_bar(len(table))}\n{_group_table(table)}")
+    return _page("WMH segmentation QC: all scans", body, bundle, verdict_store)
 
 
-_GROUP_HEAD = ("participant", "session", "status", "verdict", "QC score", "predicted Dice",
-               "folds flagging", "lesion ml", "reason")
+def _review_bar(n_scans: int) -> str:
+    """How many scans have a reviewer's verdict (filled in by the script), and the export."""
+    columns = ", ".join(VERDICT_COLUMNS)
+    return ('<p><span id="review-count">Reviewers\' verdicts are read from this browser\'s '
+            f"storage, which needs JavaScript ({n_scans} scan(s)).</span> "
+            '<button type="button" id="export-verdicts">Export verdicts (TSV)</button> '
+            '<span class="reviewer-verdict-status" id="export-status" aria-live="polite">'
+            "</span></p>\n"
+            f'<p class="note">The export downloads {VERDICTS_TSV}, one row per scan with a '
+            f"verdict in this browser, in the table's order: {_esc(columns)}. "
+            "Verdicts given in another browser or on another machine are not here.</p>")
+
+
+def _row_text(value: object) -> str:
+    """A table value as text; ``n/a`` where missing (None, NaN)."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return "n/a"
+    return str(value)
 
 
 def _group_table(table: pd.DataFrame) -> str:
+    with_site = "site" in table.columns and table["site"].notna().any()
+    head = ["participant", "session", *(["site"] if with_site else []), "status", "QC flag",
+            "reviewer verdict", "QC score", "predicted Dice", "folds flagging", "lesion ml",
+            "reason"]
     rows = []
     for row in table.itertuples(index=False):
-        verdict = {"review": "review", "pass": "no review", "error": "—"}[_status_class(row)]
+        flag = {"review": "review", "pass": "no review", "error": "—"}[_status_class(row)]
+        if _is_audit(getattr(row, "audit", None)):
+            flag += ' <span class="audit">audit sample: please review</span>'
         cells = [f'<a href="{_scan_link(row.participant_id, row.record)}">'
-                 f"{_esc(row.participant_id)}</a>", _esc(row.session_id), _esc(row.status),
-                 verdict, _num(row.qc_score, ".4g"), _num(clip_dice(row.predicted_dice), ".2f"),
-                 _num(row.folds_flagging, ".0%"), _num(row.lesion_ml, ".1f"),
-                 _esc(row.reason or "")]
-        rows.append(f'<tr class="{_status_class(row)}">'
-                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in _GROUP_HEAD)
-    return f'<table id="scans"><tr>{head}</tr>\n' + "\n".join(rows) + "\n</table>"
+                 f"{_esc(row.participant_id)}</a>", _esc(row.session_id),
+                 *([_esc(_row_text(row.site))] if with_site else []), _esc(row.status),
+                 flag, None, _num(row.qc_score, ".4g"),
+                 _num(clip_dice(row.predicted_dice), ".2f"), _num(row.folds_flagging, ".0%"),
+                 _num(row.lesion_ml, ".1f"), _esc(row.reason or "")]
+        anchor = _esc(scan_anchor(row.record))
+        tds = "".join('<td class="reviewer-verdict">—</td>' if c is None else f"<td>{c}</td>"
+                      for c in cells)
+        rows.append(f'<tr class="{_status_class(row)}" data-scan="{anchor}" '
+                    f'data-participant="{_esc(_row_text(row.participant_id))}" '
+                    f'data-session="{_esc(_row_text(row.session_id))}">{tds}</tr>')
+    heads = "".join(f"<th>{h}</th>" for h in head)
+    return f'<table id="scans"><tr>{heads}</tr>\n' + "\n".join(rows) + "\n</table>"
 
 
 def group_plot(table: pd.DataFrame, bundle: Bundle) -> str:

@@ -23,19 +23,34 @@ failures it takes.
 The promise assumes the labelled failures are exchangeable with the failures to come (the same
 population: site, scanner, segmenter); it says nothing of a population the rows did not come
 from.
+
+A study's folds hold only a handful of validation failures each, where recall 0.9 at 90 %
+confidence needs 22, so the study's guarantee pools the validation rows of all folds, each
+scored by the one fold model that never trained on it: one common threshold
+(:func:`choose_pooled`). What it costs in review is measured on the test rows
+(:func:`guarantee_cost`, :func:`tradeoff_curve`), and whether the promise holds is checked by
+drawing calibration sets from a known population (:func:`simulate_guarantee`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
+
+from . import evaluation as ev
 
 METHOD = ("Learn-then-Test with exact binomial (Clopper-Pearson) p-values, fixed-sequence "
           "over thresholds (Angelopoulos et al. 2021, arXiv:2110.01052); an order statistic "
           "of the labelled failures' scores (Wilks 1941)")
+
+
+#: The confidence of a guarantee asked for by its target recall alone.
+DEFAULT_CONFIDENCE = 0.9
 
 
 def _check(target_recall: float, confidence: float) -> None:
@@ -43,6 +58,11 @@ def _check(target_recall: float, confidence: float) -> None:
         raise ValueError(f"target recall {target_recall}: must lie strictly between 0 and 1")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence {confidence}: must lie strictly between 0 and 1")
+
+
+def check_target(target_recall: float, confidence: float) -> None:
+    """A ValueError unless both lie strictly between 0 and 1 (say which does not)."""
+    _check(target_recall, confidence)
 
 
 def allowed_misses(n_failures: int, target_recall: float, confidence: float) -> int | None:
@@ -139,3 +159,265 @@ def guaranteed_threshold(scores: np.ndarray, failed: np.ndarray, target_recall: 
     return RecallGuarantee(float(target_recall), float(confidence), int(len(s)), n,
                            failures_needed(target_recall, confidence), m, threshold,
                            bool(higher_is_better), review)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study's guarantee: the pooled validation rows choose, the pooled test rows show the cost
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One split's rows of all folds: score, failure label and fold, as arrays."""
+
+    scores: np.ndarray
+    failed: np.ndarray
+    fold: np.ndarray
+
+    def by_fold(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.fold == f) for f in np.unique(self.fold)]
+
+
+def _rows(cases: pd.DataFrame, spec: ev.QCScore, split: str, quality_threshold: float,
+          dice_column: str) -> _Rows:
+    part = cases[cases["split"].astype(str) == split]
+    if part.empty:
+        raise ValueError(f"{cases.attrs.get('source', 'cases table')}: no {split!r} rows")
+    part.attrs.update(cases.attrs)
+    checked = ev.check_cases(part, [dice_column, spec.column], dice_column=dice_column)
+    return _Rows(checked[spec.column].to_numpy(float),
+                 checked[dice_column].to_numpy(float) < quality_threshold,
+                 checked["fold"].to_numpy(int) if "fold" in checked else np.zeros(len(part), int))
+
+
+def _flags(scores: np.ndarray, threshold: float | None, higher_is_better: bool) -> np.ndarray:
+    """The rows a guaranteed threshold flags; without a guarantee the rule abstains and every
+    row goes to review (the only recall it can promise is then 1)."""
+    if threshold is None:
+        return np.ones(len(scores), dtype=bool)
+    return ev.flag_cases(scores, threshold, higher_is_better)
+
+
+def failures_per_fold(cases: pd.DataFrame, *, split: str = "val",
+                      quality_threshold: float = ev.QUALITY_THRESHOLD,
+                      dice_column: str = ev.DICE_COLUMN) -> dict[int, int]:
+    """Labelled failures among each fold's ``split`` rows: why one fold cannot give a guarantee
+    on its own."""
+    part = cases[cases["split"].astype(str) == split]
+    failed = part[dice_column].to_numpy(float) < quality_threshold
+    return {int(f): int(failed[part["fold"].to_numpy() == f].sum())
+            for f in sorted(part["fold"].unique())}
+
+
+def choose_pooled(cases: pd.DataFrame, score: str | ev.QCScore, target_recall: float,
+                  confidence: float = DEFAULT_CONFIDENCE, *,
+                  quality_threshold: float = ev.QUALITY_THRESHOLD,
+                  dice_column: str = ev.DICE_COLUMN) -> RecallGuarantee:
+    """One threshold for every fold, guaranteed on the validation rows of all folds pooled
+    (each scored by the fold model that never trained on it): the threshold calibrates the
+    mixture of the fold models, which a scan flagged when any fold flags it can only beat."""
+    spec = ev.resolve_score(score)
+    val = _rows(cases, spec, "val", quality_threshold, dice_column)
+    return guaranteed_threshold(val.scores, val.failed, target_recall, confidence,
+                                spec.higher_is_better)
+
+
+def _percentile_intervals(samples: dict[str, np.ndarray], estimate: dict[str, float],
+                          level: float) -> dict[str, dict]:
+    alpha = (1.0 - level) / 2
+    out = {}
+    for name, values in samples.items():
+        valid = values[np.isfinite(values)]
+        low, high = (np.quantile(valid, [alpha, 1 - alpha]) if len(valid)
+                     else (math.nan, math.nan))
+        out[name] = {"estimate": float(estimate[name]), "low": float(low), "high": float(high),
+                     "n_valid": len(valid)}
+    return out
+
+
+def guarantee_cost(cases: pd.DataFrame, score: str | ev.QCScore, target_recall: float,
+                   confidence: float = DEFAULT_CONFIDENCE, *, n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95, quality_threshold: float = ev.QUALITY_THRESHOLD,
+                   dice_column: str = ev.DICE_COLUMN) -> dict:
+    """What the guarantee costs: the flags of :func:`choose_pooled`'s threshold on the test
+    rows of all folds pooled (each test row scored by its own fold model), as
+    :data:`evaluation.OPERATING_METRICS` with percentile bootstrap intervals, and the recall's
+    one-sided Clopper–Pearson lower bound at ``confidence``.
+
+    In each resample every fold's validation and test rows are drawn again with replacement
+    and the threshold is chosen again on the pooled resampled validation rows, so the
+    intervals carry the threshold's own variance; a resample with too few failures for the
+    guarantee abstains (reviews every row) and is counted in ``n_infeasible_resamples``. The
+    point estimate abstains likewise when the observed rows allow no guarantee
+    (``guarantee["feasible"]`` is then false).
+    """
+    if n_boot < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    spec = ev.resolve_score(score)
+    hib = spec.higher_is_better
+    val = _rows(cases, spec, "val", quality_threshold, dice_column)
+    test = _rows(cases, spec, "test", quality_threshold, dice_column)
+    chosen = guaranteed_threshold(val.scores, val.failed, target_recall, confidence, hib)
+    flagged = _flags(test.scores, chosen.threshold, hib)
+    estimate = ev.operating_counts(test.failed, flagged)
+    rng = np.random.default_rng([seed, 29])
+    val_groups, test_groups = val.by_fold(), test.by_fold()
+    samples = {m: np.empty(n_boot) for m in ev.OPERATING_METRICS}
+    infeasible = 0
+    for b in range(n_boot):
+        vi = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in val_groups])
+        ti = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in test_groups])
+        again = guaranteed_threshold(val.scores[vi], val.failed[vi], target_recall, confidence,
+                                     hib)
+        infeasible += not again.feasible
+        flags = _flags(test.scores[ti], again.threshold, hib)
+        for name, value in ev.operating_counts(test.failed[ti], flags).items():
+            samples[name][b] = value
+    out: dict = _percentile_intervals(samples, estimate, level)
+    caught, n_failed = int((test.failed & flagged).sum()), int(test.failed.sum())
+    out["recall"]["lower_bound"] = recall_lower_bound(caught, n_failed, confidence)
+    out["recall"]["lower_bound_confidence"] = float(confidence)
+    out.update(threshold=chosen.threshold, guarantee=chosen.to_dict(),
+               validation_failures_per_fold=failures_per_fold(
+                   cases, quality_threshold=quality_threshold, dice_column=dice_column),
+               n_cases=len(test.failed), n_failed=n_failed, n_flagged=int(flagged.sum()),
+               n_caught=caught, n_boot=int(n_boot), level=level,
+               n_infeasible_resamples=int(infeasible), rechosen_in_resamples=True)
+    return out
+
+
+def tradeoff_curve(cases: pd.DataFrame, score: str | ev.QCScore, targets: Sequence[float],
+                   confidence: float = DEFAULT_CONFIDENCE, *,
+                   quality_threshold: float = ev.QUALITY_THRESHOLD,
+                   dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """Target recall against review fraction: per target, the guaranteed threshold chosen on
+    the pooled validation rows and its flags on the pooled test rows. A target the validation
+    failures cannot guarantee abstains (every row reviewed, ``feasible`` false) and says how
+    many labelled failures it needs. One row per target, in the order given."""
+    spec = ev.resolve_score(score)
+    hib = spec.higher_is_better
+    val = _rows(cases, spec, "val", quality_threshold, dice_column)
+    test = _rows(cases, spec, "test", quality_threshold, dice_column)
+    rows = []
+    for target in targets:
+        chosen = guaranteed_threshold(val.scores, val.failed, float(target), confidence, hib)
+        flagged = _flags(test.scores, chosen.threshold, hib)
+        counts = ev.operating_counts(test.failed, flagged)
+        caught = int((test.failed & flagged).sum())
+        rows.append({"target_recall": float(target), "confidence": float(confidence),
+                     "feasible": chosen.feasible, "n_val_rows": chosen.n_rows,
+                     "n_val_failures": chosen.n_failures,
+                     "failures_needed": chosen.failures_needed,
+                     "allowed_misses": chosen.allowed_misses, "threshold": chosen.threshold,
+                     "review_fraction_val": (chosen.review_fraction if chosen.feasible
+                                             else 1.0),
+                     "review_fraction": counts["review_fraction"], "recall": counts["recall"],
+                     "recall_lower_bound": recall_lower_bound(caught, int(test.failed.sum()),
+                                                              confidence),
+                     "precision": counts["precision"], "specificity": counts["specificity"],
+                     "n_test": len(test.failed), "n_test_failed": int(test.failed.sum()),
+                     "n_flagged": int(flagged.sum())})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Does the promise hold? Calibration sets drawn from a known population
+
+
+def calibration_sizes(sizes: Sequence[int | str], n_validation: int, n_all: int
+                      ) -> dict[str, int]:
+    """The profile's ``guarantee.calibration_sizes`` as {label: size}: ``validation`` is the
+    number of the study's pooled validation rows, ``all`` the number of all its out-of-fold
+    rows (validation and test), and a whole number is itself."""
+    named = {"validation": int(n_validation), "all": int(n_all)}
+    out = {}
+    for size in sizes:
+        if isinstance(size, str) and size in named:
+            out[f"{size} ({named[size]})"] = named[size]
+        elif isinstance(size, int | np.integer) and not isinstance(size, bool) and size > 0:
+            out[str(int(size))] = int(size)
+        else:
+            raise ValueError(f"calibration size {size!r}: use 'validation', 'all' or a "
+                             "positive whole number")
+    return out
+
+
+def simulate_guarantee(scores: np.ndarray, failed: np.ndarray, *, targets: Sequence[float],
+                       confidences: Sequence[float],
+                       sizes: Mapping[str, int] | Sequence[int], draws: int = 2000,
+                       seed: int = 0, higher_is_better: bool = True) -> pd.DataFrame:
+    """Check the promise where the truth is known: the population is the given rows (their
+    empirical distribution, e.g. a study's pooled out-of-fold rows). Each draw takes a
+    calibration set of ``size`` rows with replacement, chooses the threshold with
+    :func:`guaranteed_threshold`, and measures on the whole population the realised recall
+    (share of its failures flagged: what the guarantee is about) and the review fraction (share
+    of its rows flagged). A draw with too few failures for a guarantee abstains (reviews all:
+    recall 1, review fraction 1) and is counted in ``share_infeasible``.
+
+    One row per target, confidence and size: the mean labelled failures per draw, the median
+    and 5th-percentile realised recall, the share of draws whose recall reaches the target (all
+    draws, and feasible draws only), the mean review fraction, and ``mc_se``, the Monte Carlo
+    standard error of a share equal to the confidence. ``passed``: the share over all draws is
+    at least the confidence less two such errors. The same calibration draws serve every
+    target and confidence of a size (seeded).
+    """
+    s = np.asarray(scores, dtype=float)
+    failed = np.asarray(failed, dtype=bool)
+    if s.shape != failed.shape or s.ndim != 1:
+        raise ValueError(f"scores ({s.shape}) and failure labels ({failed.shape}) differ")
+    if not np.isfinite(s).all():
+        raise ValueError("the population has non-finite scores")
+    if not failed.any():
+        raise ValueError("the population has no failure: recall is undefined")
+    if draws < 1:
+        raise ValueError(f"draws {draws}: need at least 1")
+    if not isinstance(sizes, Mapping):
+        sizes = {str(int(n)): int(n) for n in sizes}
+    pop_failures = s[failed]
+    rng = np.random.default_rng([seed, 31])
+    rows = []
+    for label, size in sizes.items():
+        picks = rng.integers(0, len(s), (draws, int(size)))
+        for target in targets:
+            for conf in confidences:
+                recall, review = np.ones(draws), np.ones(draws)
+                feasible, n_fail = np.zeros(draws, bool), np.zeros(draws)
+                for d, idx in enumerate(picks):
+                    res = guaranteed_threshold(s[idx], failed[idx], float(target), float(conf),
+                                               higher_is_better)
+                    n_fail[d], feasible[d] = res.n_failures, res.feasible
+                    if res.feasible:
+                        recall[d] = ev.flag_cases(pop_failures, res.threshold,
+                                                  higher_is_better).mean()
+                        review[d] = ev.flag_cases(s, res.threshold, higher_is_better).mean()
+                met = recall >= float(target)
+                se = math.sqrt(float(conf) * (1 - float(conf)) / draws)
+                rows.append({
+                    "target_recall": float(target), "confidence": float(conf),
+                    "calibration": label, "calibration_size": int(size), "draws": int(draws),
+                    "mean_failures": float(n_fail.mean()),
+                    "share_infeasible": float(1 - feasible.mean()),
+                    "median_recall": float(np.median(recall)),
+                    "p05_recall": float(np.quantile(recall, 0.05)),
+                    "share_met": float(met.mean()),
+                    "share_met_feasible": (float(met[feasible].mean()) if feasible.any()
+                                           else math.nan),
+                    "mc_se": se, "mean_review_fraction": float(review.mean()),
+                    "passed": bool(met.mean() >= float(conf) - 2 * se)})
+    return pd.DataFrame(rows)
+
+
+def simulate_study(cases: pd.DataFrame, score: str | ev.QCScore, *,
+                   targets: Sequence[float], confidences: Sequence[float],
+                   sizes: Sequence[int | str] = ("validation", "all"), draws: int = 2000,
+                   seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
+                   dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
+    """:func:`simulate_guarantee` with a study's pooled out-of-fold rows (validation and test
+    rows of every fold, each scored by the fold model that never trained on it) as the
+    population; ``sizes`` as :func:`calibration_sizes` reads them."""
+    spec = ev.resolve_score(score)
+    val = _rows(cases, spec, "val", quality_threshold, dice_column)
+    test = _rows(cases, spec, "test", quality_threshold, dice_column)
+    return simulate_guarantee(
+        np.r_[val.scores, test.scores], np.r_[val.failed, test.failed], targets=targets,
+        confidences=confidences, draws=draws, seed=seed, higher_is_better=spec.higher_is_better,
+        sizes=calibration_sizes(sizes, len(val.scores), len(val.scores) + len(test.scores)))

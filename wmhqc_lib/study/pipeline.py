@@ -61,6 +61,7 @@ STEPS: list[Step] = [
     Step("05_dice_regression.ipynb", per_fold=True, depends=("04_rec_unet",)),
     Step("06_evaluation.ipynb", depends=("05_dice_regression",)),
     Step("07_triage.ipynb", depends=("05_dice_regression",)),
+    Step("08_guarantee.ipynb", depends=("05_dice_regression",)),
 ]
 
 

@@ -332,3 +332,40 @@ def triage_truth_figure(scored: pd.DataFrame, score_label: str, quality_threshol
                   annotation_text=f"failure: Dice < {quality_threshold}")
     fig.update_layout(height=420)
     return fig
+
+
+def guarantee_tradeoff_figure(curve: pd.DataFrame, title: str,
+                              profile_rule: Mapping[str, float] | None = None) -> go.Figure:
+    """What a recall guarantee costs: per target recall (at the curve's confidence), the
+    review fraction of the guaranteed threshold on the pooled test rows, and the recall it
+    realised there. Targets the labelled failures cannot guarantee are marked at review
+    fraction 1 (the rule abstains and reviews every scan), with the failures they need.
+    ``profile_rule`` (``review_fraction``, ``recall``, ``rule``): the profile's own rule,
+    which promises nothing, as a horizontal line for comparison."""
+    ok, short = curve[curve["feasible"]], curve[~curve["feasible"]]
+    fig = go.Figure()
+    fig.add_scatter(x=ok["target_recall"], y=ok["review_fraction"], mode="lines+markers",
+                    name="review fraction (test rows)",
+                    customdata=ok[["threshold", "allowed_misses", "n_val_failures"]],
+                    hovertemplate="target %{x:.2f}: review %{y:.2f}<br>threshold "
+                                  "%{customdata[0]:.4g}, %{customdata[1]} of "
+                                  "%{customdata[2]} labelled failures unflagged<extra></extra>")
+    fig.add_scatter(x=ok["target_recall"], y=ok["recall"], mode="markers",
+                    marker={"symbol": "diamond-open", "size": 9},
+                    name="recall realised on the test rows")
+    if len(short):
+        fig.add_scatter(x=short["target_recall"], y=np.ones(len(short)), mode="markers+text",
+                        marker={"symbol": "x", "size": 11, "color": "#d62728"},
+                        text=[f"needs {n}" for n in short["failures_needed"]],
+                        textposition="bottom center",
+                        name=f"no guarantee (has {int(short['n_val_failures'].iloc[0])} "
+                             "failures): review all")
+    if profile_rule is not None:
+        fig.add_hline(y=float(profile_rule["review_fraction"]), line_dash="dash",
+                      annotation_text=f"profile rule {profile_rule.get('rule', '')}: review "
+                                      f"{profile_rule['review_fraction']:.2f}, recall "
+                                      f"{profile_rule['recall']:.2f}, no guarantee")
+    confidence = float(curve["confidence"].iloc[0]) if len(curve) else float("nan")
+    fig.update_layout(title=title, height=440, xaxis_title=f"target recall (confidence "
+                      f"{confidence:.0%})", yaxis_title="share of scans", yaxis_range=[0, 1.08])
+    return fig
