@@ -18,6 +18,9 @@
 #                                  (then review the diff, rerun the tests and the book, commit)
 #   make slurm PARTITION=gpu ACCOUNT=proj GPUS=1 TIME=12:00:00   SLURM job array, one task
 #                                  per fold (DRY_RUN=1: write scripts only; SLURM_ARGS=...)
+#   make slurm-triage BIDS=ds OUT=ds/derivatives/wmhqc MODEL=bundle [LAYER=site-layer]
+#                                  triage on SLURM: one participant per array task, then the
+#                                  group level (PARTITION, ACCOUNT, GPUS, TIME, DRY_RUN too)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,8 +45,8 @@ endif
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install lock test lint reproduce reproduce-data reproduce-final lab slurm bench check-scale \
-	paper-fold synth clean help
+.PHONY: install lock test lint reproduce reproduce-data reproduce-final lab slurm slurm-triage \
+	bench check-scale paper-fold synth clean help
 
 help:
 	@sed -n '2,/^[^#]/{/^#/p}' Makefile
@@ -186,6 +189,16 @@ slurm: install
 		$(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(FOLDS),--folds $(FOLDS)) \
 		$(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(GPUS),--gpus $(GPUS)) \
 		$(if $(TIME),--time-fold $(TIME)) $(if $(DRY_RUN),--dry-run) $(SLURM_ARGS)
+
+# Triage of a BIDS dataset on the cluster: an array with one participant per task, then the
+# group level (see wmhqc_lib/deploy/cluster.py); TIME is the limit of each participant task.
+slurm-triage: install
+	@test -n "$(BIDS)" -a -n "$(OUT)" -a -n "$(MODEL)" || { echo "make slurm-triage: set" \
+		"BIDS=<dataset> OUT=<derivatives> MODEL=<bundle> (LAYER=<site layer>)" >&2; exit 2; }
+	$(BIN)/wmhqc triage-slurm $(BIDS) $(OUT) --model $(MODEL) $(if $(LAYER),--layer $(LAYER)) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+		$(if $(GPUS),--gpus $(GPUS)) $(if $(TIME),--time $(TIME)) $(if $(DRY_RUN),--dry-run) \
+		$(SLURM_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_mc.py --profile $(PROFILE)

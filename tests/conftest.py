@@ -29,14 +29,21 @@ warnings.filterwarnings("ignore", category=UserWarning, module="nilearn")
 # there, and both workers share them.
 SMOKE_BUILDER = "tests/study/test_pipeline.py"
 # modules whose session fixtures (the exported bundle, the triage run) are worth building once
-GROUPS = {"tests/deploy/test_triage.py": "triage", "tests/deploy/test_triage_report.py": "triage"}
+GROUPS = {"tests/deploy/test_triage.py": "triage", "tests/deploy/test_triage_report.py": "triage",
+          "tests/deploy/test_calibrate.py": "triage",
+          # one SLURM test cluster per session (tests/slurm_cluster.py): both on one worker
+          "tests/study/test_slurm_cluster.py": "slurm",
+          "tests/deploy/test_triage_slurm.py": "slurm"}
+#: modules that submit jobs to the SLURM test cluster: scheduled with the smoke run's readers
+SLURM_MODULES = ("tests/study/test_slurm_cluster.py", "tests/deploy/test_triage_slurm.py")
 SMOKE_READERS = ("smoke_run", "smoke_bundle", "triaged")
 # The order of the modules that read the smoke run, for the two workers to end together. A
 # worker takes another module once at most two of its tests are left, so the one that finishes
 # the smoke run takes the triage group and then the browser test, while the other, when it is
 # through the modules that need no smoke run, takes the out-of-fold run (three tests on one
 # fixture: it takes nothing more until the run is over). Measured: 36, 30 and 48 s.
-READERS_FIRST = ("tests/deploy/test_triage.py", "tests/deploy/test_triage_report.py",
+READERS_FIRST = (*SLURM_MODULES, "tests/deploy/test_triage.py",
+                 "tests/deploy/test_triage_report.py", "tests/deploy/test_calibrate.py",
                  "tests/study/test_out_of_fold.py")
 
 
@@ -53,6 +60,7 @@ def pytest_collection_modifyitems(config, items):
     """The smoke builder first, then modules that do not read the smoke run, then those that
     do (in ``READERS_FIRST`` order); tests keep their order within a module."""
     readers = {_module(i) for i in items if set(SMOKE_READERS) & set(i.fixturenames)}
+    readers |= set(SLURM_MODULES)
 
     def rank(item) -> tuple[int, int]:
         module = _module(item)
@@ -68,7 +76,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory) -> Path:
     """A folder every worker of this test session sees (each xdist worker's base temp folder
-    lies in the session's one)."""
+    lies in the session's one). ``WMHQC_TEST_SHARED=DIR`` keeps it between sessions while
+    developing; what was built there is reused even when the code changed since."""
+    kept = os.environ.get("WMHQC_TEST_SHARED")
+    if kept:  # a developer's folder kept between sessions: the smoke run is built only once
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 

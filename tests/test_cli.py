@@ -80,3 +80,19 @@ def test_profile_option_takes_any_profile_of_the_file(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "unknown profile 'nope'" in err and "smoke, cpu, paper, my_lab" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_triage_and_calibrate_options_are_checked_when_parsed(capsys):
+    """``--audit-fraction`` must be a share; ``calibrate`` needs its bundle and verdict file."""
+    import pytest
+
+    for bad in ("1.5", "-0.1", "some"):
+        with pytest.raises(SystemExit) as exc:
+            main(["triage", "bids", "out", "participant", "--model", "m",
+                  "--audit-fraction", bad])
+        assert exc.value.code == 2 and "--audit-fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "out", "--model", "m"])
+    assert exc.value.code == 2 and "--verdicts" in capsys.readouterr().err
+    code = main(["calibrate", "nowhere", "--model", "no_bundle", "--verdicts", "v.tsv"])
+    assert code == 2 and "not a wmhqc model bundle" in capsys.readouterr().err

@@ -172,14 +172,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .deploy import bundle
 
+    if args.confidence is not None and args.target_recall is None:
+        args.export_parser.error("--confidence needs --target-recall (the confidence belongs "
+                                 "to a target recall)")
     out = bundle.export_study(args.results, args.out, profile=args.profile, score=args.score,
-                              folds=args.folds, overwrite=args.force)
-    card = out.card["test_operating_point"]
+                              folds=args.folds, overwrite=args.force,
+                              target_recall=args.target_recall, confidence=args.confidence)
+    guarantee = out.card.get("guarantee")
+    card = guarantee["cost"] if guarantee else out.card["test_operating_point"]
+    rule = (f"recall guarantee: {guarantee['statement']}; one threshold, any fold flags"
+            if guarantee else f"rule {out.info['threshold_rule']}, half the folds flag")
+    shown = {k: ("undefined" if card[k]["estimate"] is None else f"{card[k]['estimate']:.2f}")
+             for k in ("precision", "recall", "review_fraction")}
     print(f"exported {len(out.folds)} fold(s) to {args.out}: score {out.score.label}, "
-          f"thresholds {[round(out.threshold(f), 4) for f in out.folds]}; on the study's test "
-          f"folds precision {card['precision']['estimate']:.2f}, recall "
-          f"{card['recall']['estimate']:.2f}, review fraction "
-          f"{card['review_fraction']['estimate']:.2f}")
+          f"thresholds {[round(out.threshold(f), 4) for f in out.folds]} ({rule}); on the "
+          f"study's test folds precision {shown['precision']}, recall {shown['recall']}, "
+          f"review fraction {shown['review_fraction']}")
     return 0
 
 
@@ -188,9 +196,11 @@ def cmd_triage(args: argparse.Namespace) -> int:
     triaged, 3 when it finished with some scans in error, 2 for unusable arguments, inputs or
     bundle (see ``wmhqc_lib.deploy.triage``)."""
     from .deploy import bundle as bundle_mod
-    from .deploy import triage
+    from .deploy import layer, triage
 
     model = bundle_mod.load_bundle(args.model)
+    if args.layer:
+        model = layer.load_layer(args.layer, model)
     out = Path(args.output_dir)
     if args.analysis_level == "group":
         table = triage.write_group(out, model)
@@ -202,22 +212,62 @@ def cmd_triage(args: argparse.Namespace) -> int:
     if args.flair or args.t1:
         if not (args.flair and args.t1):
             raise ValueError("single-scan mode needs both --flair and --t1")
-        scans = [triage.single_scan(args.flair, args.t1, args.participant_id)]
+        scans = [triage.single_scan(args.flair, args.t1, args.participant_id, args.site)]
     elif args.manifest:
-        scans = triage.scans_from_manifest(args.manifest)
+        scans = triage.scans_from_manifest(args.manifest, args.site)
     else:
-        scans = triage.discover_bids(args.bids_dir, args.participant_label, args.session_label)
+        scans = triage.discover_bids(args.bids_dir, args.participant_label, args.session_label,
+                                     args.site)
     if not scans:
         raise ValueError(f"{args.bids_dir}: no scan found to triage")
     # the raw dataset is the scans' root: the BIDS folder, or the deepest folder holding every
     # input of a manifest or of --flair/--t1 (the records name the inputs relative to it)
     summary = triage.run_triage(model, scans, out, nprocs=args.nprocs,
-                                progress=not args.quiet)
+                                progress=not args.quiet, group=not args.skip_group,
+                                audit_fraction=args.audit_fraction)
     flagged = int(summary.table["flagged"].eq(True).sum())
+    audited = int(summary.table["audit"].eq(True).sum())
+    where = ("group files left to the group level" if args.skip_group
+             else str(out / triage.GROUP_TSV))
     print(f"triaged {summary.n_ok} scan(s) ({summary.mean_seconds:.1f} s per scan), "
           f"{summary.n_error} error(s), {summary.n_skipped} already done; {flagged} flagged "
-          f"for review; {out / triage.GROUP_TSV}")
+          f"for review" + (f", {audited} in the audit sample" if audited else "")
+          + f"; {where}")
     return summary.exit_code
+
+
+def _fraction(value: str) -> float:
+    """``--audit-fraction``: a share between 0 and 1."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: must lie between 0 and 1")
+    return number
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Per-site figures of the flags against the reviewers' verdicts, and a site layer."""
+    from .deploy import bundle as bundle_mod
+    from .deploy import calibrate
+
+    model = bundle_mod.load_bundle(args.model)
+    result = calibrate.calibrate(args.output_dir, model, args.verdicts,
+                                 target_recall=args.target_recall, confidence=args.confidence)
+    print(f"target: recall of failures >= {result.target_recall} with {result.confidence} "
+          f"confidence; intervals: {calibrate.INTERVAL}")
+    print(result.summary_text())
+    n = len(result.contradictions)
+    if args.layer_out:
+        where = calibrate.write_calibration(result, model, args.layer_out)
+        print(f"site layer written to {where} ({calibrate.REPORT_MD}, {calibrate.SITES_TSV}, "
+              f"{n} contradiction(s) in {calibrate.CONTRADICTIONS_TSV}); triage with "
+              f"--layer {where}")
+    else:
+        print(f"{n} verdict(s) contradict the flag; no layer written (--layer-out DIR writes "
+              "one)")
+    return 0
 
 
 def cmd_check_scale(args: argparse.Namespace) -> int:
@@ -391,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only write the scripts and print the sbatch command lines")
     p.set_defaults(func=cmd_slurm)
 
+    from .deploy import cluster
+
+    p = sub.add_parser("triage-slurm", help="triage a BIDS dataset on a SLURM cluster "
+                                            "(job array, then the group level)",
+                       description=cluster.DESCRIPTION)
+    cluster.add_arguments(p)
+    p.set_defaults(func=cluster.cmd_triage_slurm)
+
     p = sub.add_parser("evaluate", help="metrics of one QC score from a per-case CSV (JSON)",
                        description="Evaluate one QC score against true Dice; prints one JSON "
                                    "object. Positive class = failed case (Dice < quality "
@@ -445,7 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, nargs="+", default=None,
                    help="folds to export (default: every fold of the profile)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="instead of a threshold per fold, one threshold whose recall of failed "
+                        "segmentations is at least R with --confidence, chosen on the pooled "
+                        "validation cases (a scan is flagged when any fold flags it); fails, "
+                        "writing nothing, when too few failures were labelled")
+    p.add_argument("--confidence", type=float, default=None, metavar="C",
+                   help="confidence of --target-recall (default 0.9)")
+    p.set_defaults(func=cmd_export, export_parser=p)
 
     p = sub.add_parser("triage", help="segment new scans and flag those to review (BIDS App)",
                        description="BIDS-App usage: wmhqc triage BIDS_DIR OUTPUT_DIR "
@@ -473,7 +538,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprocs", type=int, default=1,
                    help="worker processes that preprocess the scans and draw the report pages")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--site", default=None,
+                   help="site of the scans that have none (BIDS: participants.tsv's site "
+                        "column; manifest: its site column); picks a --layer's site rule")
+    p.add_argument("--layer", default=None, metavar="DIR",
+                   help="site layer written by `wmhqc calibrate` for this bundle: the scans of "
+                        "its calibrated sites get their site's threshold")
+    p.add_argument("--audit-fraction", type=_fraction, default=0.0, metavar="F",
+                   help="mark this share of all scans, flagged or not, as an audit sample for "
+                        "review (drawn from the bundle's seed and each scan's participant and "
+                        "session; default 0): the reviewers' verdicts on it measure recall")
+    p.add_argument("--skip-group", action="store_true",
+                   help="participant level: write the scans' files only, not group_qc.tsv "
+                        "or the pages (for several processes sharing one output folder; run "
+                        "the group level afterwards)")
     p.set_defaults(func=cmd_triage)
+
+    p = sub.add_parser("calibrate", help="the flags against reviewers' verdicts per site, and "
+                                         "a site layer with a recall guarantee",
+                       description="Read a triage output's records and the verdicts.tsv its "
+                                   "group page exported; print per site the realised recall, "
+                                   "precision and review fraction of the flags (Wilson 95 % "
+                                   "intervals), list the verdicts that contradict the flag, "
+                                   "and re-choose each site's threshold with the recall "
+                                   "guarantee on its audit sample (or on every scan when all "
+                                   "were reviewed). With --layer-out, write them as a new site "
+                                   "layer for `wmhqc triage --layer` (the bundle is never "
+                                   "edited).",
+                       epilog="exit status: 0 done; 2 unusable arguments, bundle, triage "
+                              "output or verdict file (the message names the line).")
+    p.add_argument("output_dir", help="triage output (derivative dataset) the verdicts are on")
+    p.add_argument("--model", required=True, help="the bundle that triaged it")
+    p.add_argument("--verdicts", required=True, help="verdicts.tsv exported by the group page")
+    p.add_argument("--layer-out", default=None, metavar="DIR",
+                   help="write the site layer into this new folder (not inside the bundle)")
+    p.add_argument("--target-recall", type=float, default=0.9, metavar="R",
+                   help="recall of failed segmentations each site threshold guarantees "
+                        "(default 0.9)")
+    p.add_argument("--confidence", type=float, default=0.9, metavar="C",
+                   help="confidence of the guarantee (default 0.9)")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

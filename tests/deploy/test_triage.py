@@ -349,10 +349,10 @@ def test_an_error_in_one_scan_becomes_its_record_and_the_others_go_on(smoke_bund
     raw = _small_bids(bids_input, tmp_path / "raw", ("sub-01", "sub-02", "sub-03"))
     triage_case, write_scan = triage.triage_case, triage.write_scan
 
-    def failing_case(bundle, models, case):
+    def failing_case(bundle, models, case, site=None):
         if case.subject_id == "sub-02":
             raise RuntimeError("out of memory, say")
-        return triage_case(bundle, models, case)
+        return triage_case(bundle, models, case, site)
 
     def failing_write(out_dir, scan, result, seconds, provenance=None):
         if scan.prefix == "sub-03_ses-A":

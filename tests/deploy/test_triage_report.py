@@ -148,6 +148,23 @@ def test_the_promise_reads_plainly_and_survives_undefined_values():
     assert "undefined" in triage_report.promise_text({})  # an empty card still reads
 
 
+def test_a_guarantee_bundle_promises_its_guarantee_and_its_own_thresholds_figures():
+    """With a recall guarantee the page states it and quotes the guaranteed threshold's test
+    figures (its cost), not the profile rule's operating point the card keeps for comparison."""
+    rule = {"recall": {"estimate": 0.5}, "review_fraction": {"estimate": 0.1},
+            "precision": {"estimate": 0.9}, "n_cases": 20, "n_failed": 4}
+    cost = {"recall": {"estimate": 1.0}, "review_fraction": {"estimate": 0.45},
+            "precision": {"estimate": 0.4}, "n_cases": 20, "n_failed": 4}
+    card = {"test_operating_point": rule, "guarantee": {
+        "statement": "recall of failures >= 90% with 90% confidence, from 23 labelled "
+                     "failures of which the threshold leaves 0 unflagged",
+        "choosing_rows": "the pooled validation cases", "cost": cost}}
+    text = triage_report.promise_text(card)
+    assert text.startswith("Guarantee: recall of failures >= 90% with 90% confidence")
+    assert "0.45 of scans were flagged" in text and "1.00 of failed" in text
+    assert "0.10 of scans" not in text
+
+
 def test_the_validation_sentence_counts_scores_at_least_this_bad():
     score, dice = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.9, 0.3, 0.2, 0.8])
     lower_better = triage_report.validation_sentence(0.25, score, dice, 0.5, False)

@@ -353,3 +353,165 @@ def test_new_scan_truth_keeps_other_pathology(smoke_profile, tmp_path):
     assert (labels == 2).any(), "the other pathology was dropped from the truth"
     voxel_ml = float(abs(np.linalg.det(truth.affine[:3, :3]))) / 1000.0
     assert row["lesion_ml"] == pytest.approx(float((labels == 1).sum()) * voxel_ml)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule: how the folds combine, and a site layer's rule for its own site
+
+
+def _stub_scores(monkeypatch, values: dict[int, float]) -> None:
+    monkeypatch.setattr(triage, "_fold_scores", lambda bundle, fm, case, maps, delivered: (
+        {"stub_score": values[fm.fold]}, np.zeros(GRID, np.float32)))
+
+
+@pytest.mark.parametrize(("values", "combine", "flagged"), [
+    ((0.2, 0.9, 0.9), "any", True),  # one fold of three is enough
+    ((0.9, 0.9, 0.9), "any", False),
+    ((0.2, 0.9, 0.9), "half", False),  # the same scores under the exported default
+])
+def test_the_bundles_combine_rule_makes_the_flag(monkeypatch, tmp_path, values, combine,
+                                                 flagged):
+    bundle = _bundle(tmp_path, [0.5] * len(values), column="stub_score", predicted=None)
+    bundle.info["combine"] = combine
+    _with_mc(monkeypatch, {f: _samples(A, f) for f in bundle.folds})
+    _stub_scores(monkeypatch, dict(zip(bundle.folds, values, strict=True)))
+    rec = triage.triage_case(bundle, _models(bundle), _case()).record
+    assert rec["flagged"] is flagged
+    assert rec["rule"] == {"source": "bundle", "site": None, "layer": None,
+                           "layer_sha256": None, "combine": combine,
+                           "thresholds": {str(f): 0.5 for f in bundle.folds}}
+    assert (f"(rule: {triage.COMBINE_RULES[combine]})" in rec["reason"]) is flagged
+    assert ("validation-chosen threshold" in rec["reason"]) is flagged
+    bundle.info["combine"] = "most"
+    with pytest.raises(ValueError, match="unknown rule 'most'"):
+        triage.triage_case(bundle, _models(bundle), _case())
+
+
+def test_a_site_layers_rule_applies_to_the_scans_of_its_site_only(monkeypatch, tmp_path):
+    base = _bundle(tmp_path, [0.5, 0.7], column="stub_score", predicted=None)
+    layered = replace(base, layer={"name": "north-2024", "digest": "d" * 64,
+                                   "sites": {"north": {"threshold": 0.65, "combine": "any"}}})
+    _with_mc(monkeypatch, {f: _samples(A, f) for f in base.folds})
+    _stub_scores(monkeypatch, {1: 0.6, 2: 0.8})  # below 0.65 in fold 1 only
+    models = _models(base)
+    north = triage.triage_case(layered, models, _case(), site="north").record
+    assert north["flagged"] is True
+    assert [f["threshold"] for f in north["per_fold"]] == [0.65, 0.65]
+    assert [f["flagged"] for f in north["per_fold"]] == [True, False]
+    assert north["rule"] == {"source": "layer", "site": "north", "layer": "north-2024",
+                             "layer_sha256": "d" * 64, "combine": "any",
+                             "thresholds": {"1": 0.65, "2": 0.65}}
+    assert "site north's calibrated threshold 0.65 (site layer north-2024) in 1 of 2 folds " \
+           "(rule: flagged when any fold flags)" in north["reason"]
+    for site in ("south", None):  # another site, or none: the bundle's thresholds and vote
+        other = triage.triage_case(layered, models, _case(), site=site).record
+        assert other["flagged"] is False and other["reason"] == ""
+        assert [f["threshold"] for f in other["per_fold"]] == [0.5, 0.7]
+        assert other["rule"]["source"] == "bundle" and other["rule"]["combine"] == "half"
+        assert other["rule"]["layer_sha256"] == "d" * 64  # made under the layer all the same
+    # the bundle without the layer does not flag the north scan
+    assert triage.triage_case(base, models, _case(), site="north").record["flagged"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites of the scans, the audit sample and what a rerun redoes
+
+
+def _fake_bids(root: Path, scans: dict[str, tuple[str, ...]]) -> Path:
+    """Empty files in BIDS layout (discovery reads names only)."""
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "synthetic", "BIDSVersion": "1.9.0"}')
+    for sub, sessions in scans.items():
+        for ses in sessions or (None,):
+            anat = root / sub / (ses or "") / "anat"
+            anat.mkdir(parents=True)
+            prefix = "_".join([sub] + ([ses] if ses else []))
+            for suffix in ("FLAIR", "T1w"):
+                (anat / f"{prefix}_{suffix}.nii.gz").write_bytes(b"synthetic")
+    return root
+
+
+def test_sites_come_from_participants_tsv_a_manifest_column_or_the_option(tmp_path):
+    from wmhqc_lib.data.io import DataError
+
+    raw = _fake_bids(tmp_path / "raw", {"sub-01": (), "sub-02": (), "sub-03": ("ses-A",
+                                                                               "ses-B")})
+
+    def sites(**kwargs) -> dict[str, str | None]:
+        return {s.prefix: s.site for s in triage.discover_bids(raw, **kwargs)}
+
+    assert set(sites().values()) == {None}
+    assert set(sites(site="fallback").values()) == {"fallback"}
+    (raw / "participants.tsv").write_text("participant_id\tage\tsite\nsub-01\t70\tnorth\n"
+                                          "sub-02\t71\tn/a\nsub-03\t72\tsouth\n")
+    assert sites(site="fallback") == {"sub-01": "north", "sub-02": "fallback",
+                                      "sub-03_ses-A": "south", "sub-03_ses-B": "south"}
+    assert sites()["sub-02"] is None
+    assert sites(participants=["03"], sessions=["B"]) == {"sub-03_ses-B": "south"}
+    (raw / "participants.tsv").write_text("participant_id\tage\nsub-01\t70\n")
+    assert set(sites().values()) == {None}  # no site column: BIDS makes it optional
+    (raw / "participants.tsv").write_text("participant_id\tsite\nsub-01\tnorth\nsub-01\tsouth\n")
+    with pytest.raises(DataError, match=r"participants.tsv: line 3: participant 'sub-01' "
+                                        "listed twice"):
+        triage.discover_bids(raw)
+    # a manifest's site column; a row without one takes the option's
+    pd.DataFrame({"subject_id": ["a", "b"], "flair": ["f.nii.gz"] * 2, "t1": ["t.nii.gz"] * 2,
+                  "site": ["GE3T", ""]}).to_csv(tmp_path / "m.csv", index=False)
+    assert [s.site for s in triage.scans_from_manifest(tmp_path / "m.csv", "x")] == ["GE3T", "x"]
+    assert triage.single_scan(tmp_path / "f.nii.gz", tmp_path / "t.nii.gz", site="y").site == "y"
+
+
+def test_the_audit_sample_is_seeded_by_scan_and_grows_with_its_fraction():
+    ids = [(f"sub-{k:03d}", "n/a" if k % 2 else "ses-A") for k in range(2000)]
+
+    def sample(fraction: float, seed: int = 0) -> set:
+        return {i for i in ids if triage.in_audit_sample(seed, *i, fraction)}
+
+    assert sample(0.0) == set() and sample(1.0) == set(ids)
+    small, large = sample(0.1), sample(0.3)
+    assert small < large  # a larger fraction marks a superset
+    assert abs(len(large) / len(ids) - 0.3) < 0.04  # binomial sd 0.01
+    assert sample(0.3) == large  # the same in every run
+    assert sample(0.3, seed=1) != large  # another bundle seed, another sample
+    # each session of a participant is drawn on its own
+    assert len({triage.in_audit_sample(0, "sub-001", f"ses-{k}", 0.5) for k in range(20)}) == 2
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        triage.in_audit_sample(0, "sub-01", "n/a", 1.5)
+
+
+def test_a_record_made_under_another_layer_or_for_another_site_is_redone(tmp_path):
+    for name in ("f.nii.gz", "t.nii.gz"):
+        (tmp_path / name).write_bytes(b"synthetic " + name.encode())
+    scan = triage.Scan("01", None, tmp_path / "f.nii.gz", tmp_path / "t.nii.gz", "sub-01",
+                       "f.nii.gz", root=tmp_path, site="north")
+    record = {"status": "ok", "site": "north", "bundle": {"manifest_sha256": "b"},
+              "inputs_sha256": triage.input_digests(scan),
+              "rule": {"source": "layer", "layer_sha256": "L1"}}
+    assert triage._up_to_date(record, scan, "b", "L1")
+    assert not triage._up_to_date(record, scan, "b", "L2")  # another layer
+    assert not triage._up_to_date(record, scan, "b", None)  # the layer taken away
+    assert not triage._up_to_date(record, replace(scan, site="south"), "b", "L1")
+    assert not triage._up_to_date(record, scan, "other bundle", "L1")
+    unlayered = record | {"rule": {"source": "bundle", "layer_sha256": None}}
+    assert triage._up_to_date(unlayered, scan, "b") and not triage._up_to_date(unlayered,
+                                                                                scan, "b", "L1")
+
+
+def _write_often(job: tuple[str, int]) -> int:
+    path, worker = job
+    for k in range(300):
+        triage._atomic_json(Path(path), {"worker": worker, "k": k, "pad": "x" * 2000})
+    return worker
+
+
+def test_processes_writing_one_shared_file_at_once_each_replace_it_whole(tmp_path):
+    """Array tasks write the same dataset_description.json into one output folder: with one
+    temporary name for all, a process would move away another's half-written file or find its
+    own gone."""
+    from multiprocessing import get_context
+
+    path = tmp_path / "dataset_description.json"
+    with get_context("fork").Pool(2) as pool:
+        assert sorted(pool.map(_write_often, [(str(path), 0), (str(path), 1)])) == [0, 1]
+    assert json.loads(path.read_text())["k"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left

@@ -49,6 +49,18 @@ def clip_dice(value: float | None) -> float | None:
     return min(1.0, max(0.0, float(value)))
 
 
+def worst_fold_score(record: dict, higher_is_better: bool) -> float | None:
+    """The fold QC score of a record furthest toward failure (the lowest of a
+    higher-is-better score, the highest otherwise): with one threshold for every fold, "any
+    fold flags" is this score beyond the threshold, so a site's threshold is calibrated on
+    it. None for a record without fold scores (a scan in error) or with a non-finite one."""
+    values = [f.get("qc_score") for f in record.get("per_fold") or []]
+    if not values or any(v is None or not math.isfinite(float(v)) for v in values):
+        return None
+    values = [float(v) for v in values]
+    return min(values) if higher_is_better else max(values)
+
+
 def raw_uri(relative: str) -> str:
     """``bids:raw:<relative>``: an input named relative to the raw dataset's root."""
     return RAW_URI + Path(relative).as_posix()

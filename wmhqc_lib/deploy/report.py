@@ -399,8 +399,13 @@ def _estimate(d: dict | None) -> str | None:
 
 def promise_text(card: dict) -> str:
     """What a flag promises, in words: the study's test-fold precision, recall and review
-    fraction, saying plainly where one is undefined (no flagged or no failed test case)."""
-    op = card.get("test_operating_point") or {}
+    fraction, saying plainly where one is undefined (no flagged or no failed test case). A
+    bundle exported with a recall guarantee states the guarantee first, and its test-fold
+    figures are those of the guaranteed threshold (not of the profile's rule)."""
+    guarantee = card.get("guarantee")
+    op = (guarantee or {}).get("cost") or card.get("test_operating_point") or {}
+    lead = (f"Guarantee: {guarantee['statement']} (threshold chosen on "
+            f"{guarantee.get('choosing_rows', 'the validation cases')}). ") if guarantee else ""
     counts = ""
     if _finite(op.get("n_cases")):
         counts = f" ({op['n_cases']} cases, {op.get('n_failed', 'n/a')} failed"
@@ -415,7 +420,7 @@ def promise_text(card: dict) -> str:
         "the share of failed segmentations that were flagged is undefined (no test "
         "segmentation failed)",
     ]
-    text = f"In the study's test folds{counts}, {parts[0]} and {parts[1]}"
+    text = f"{lead}In the study's test folds{counts}, {parts[0]} and {parts[1]}"
     text += f"; {review} of scans were flagged for review." if review else "."
     text += f" Failure means {card.get('failure') or 'n/a'}."
     text += (f" Failure AUROC {auroc}." if auroc else

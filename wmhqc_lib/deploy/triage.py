@@ -16,19 +16,35 @@ no mask
 (:data:`MASK_FREE_SCORES`: the entropy and mutual-information sums and the pairwise Dice of
 fold k's MC samples) describe fold k's own samples; a record names which scores are which
 (``scores_on_delivered_mask``, ``scores_of_fold_samples``). Each fold compares the bundle's QC
-score with its own validation-chosen threshold; the scan is flagged when at least half of the
-folds flag it (a tie goes to review), when it is unlike the training cohort
-(out-of-distribution check on image features), or when nothing is segmented (an empty mask
-scores as a sure one: two empty samples agree perfectly and carry no entropy). The predicted
-Dice is the fold regressors' mean, clipped to [0, 1] (``predicted_dice_raw`` keeps the mean).
+score with its threshold (:meth:`Bundle.threshold`), and the folds' flags combine by the
+bundle's rule (:meth:`Bundle.combine`): ``half``, the scan is flagged when at least half of the
+folds flag it (a tie goes to review), or ``any``, when one fold does (the rule a recall
+guarantee holds for). A site layer (``deploy/layer.py``, ``--layer``) replaces both for the
+scans of the sites it calibrated; a scan's site comes from the raw dataset's
+``participants.tsv``, a manifest's ``site`` column or ``--site``. A scan is flagged whatever
+the rule when it is unlike the training cohort (out-of-distribution check on image features),
+or when nothing is segmented (an empty mask scores as a sure one: two empty samples agree
+perfectly and carry no entropy). The record stores the rule it applied (``rule``). The
+predicted Dice is the fold regressors' mean, clipped to [0, 1] (``predicted_dice_raw`` keeps
+the mean).
+
+An audit sample (``audit_fraction``) marks scans at random, flagged or not, for review: the
+reviewers' verdicts on flagged scans alone cannot show what the flags miss, and those on a
+random sample can (``wmhqc calibrate``). Which scans it marks follows from the bundle's seed and
+the scan's participant and session only, so reruns and parallel tasks agree, and a larger
+fraction marks a superset.
 
 Outputs form a BIDS derivative dataset (:data:`OUTPUT_SUFFIXES`); a scan's record
 (``..._desc-wmhqc_qc.json``) is written last, so a scan without one is unfinished. Records,
 sidecars, ``group_qc.tsv`` and the pages name the inputs relative to the raw dataset
 (``bids:raw:sub-01/anat/...``); only ``dataset_description.json`` says where it lies. A record
-holds the SHA-256 of the bundle's manifest and of its FLAIR and T1, and a rerun skips a scan
-only when its record says ``ok`` and these are unchanged. Any failure while one scan is
-processed gives that scan a record with status ``error`` and its reason; the other scans go on.
+holds the SHA-256 of the bundle's manifest, of the site layer's (if any) and of its FLAIR and
+T1, and its site; a rerun skips a scan only when its record says ``ok`` and these are
+unchanged. Any failure while one scan is processed gives that scan a record with status
+``error`` and its reason; the other scans go on. Several participant-level processes may write
+into one output folder at once (SLURM array tasks, ``group=False``): every shared file is
+replaced atomically and each process logs to its own file under ``logs/``; the group level
+then builds ``group_qc.tsv`` and the pages from the records.
 
 Exit codes (:attr:`TriageSummary.exit_code`, and of ``wmhqc triage``): :data:`EXIT_OK` (0)
 every scan has a verdict; :data:`EXIT_NONE` (1) no scan could be triaged;
@@ -38,11 +54,13 @@ every scan has a verdict; :data:`EXIT_NONE` (1) no scan could be triaged;
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -69,7 +87,9 @@ __all__ = ["RECORD_SUFFIX", "out_of_distribution"]  # re-exported: defined in .r
 GROUP_TSV = "group_qc.tsv"
 GROUP_COLUMNS = ("participant_id", "session_id", "status", "flagged", "qc_score",
                  "predicted_dice", "predicted_dice_sd", "folds_flagging", "lesion_ml", "reason",
-                 "seconds", "source")
+                 "seconds", "source", "site", "audit")
+#: The raw dataset's participant table, whose ``site`` column gives each participant's site.
+PARTICIPANTS_TSV = "participants.tsv"
 #: The files of one finished scan, by role: name suffix after the scan's entity prefix.
 OUTPUT_SUFFIXES = {
     "mask": "space-orig_label-WMH_mask.nii.gz",
@@ -102,6 +122,7 @@ class Scan:
     problem: str = ""  # why this scan cannot run (a missing T1, say), found at discovery
     from_bids: bool = False  # source is a path relative to a BIDS dataset root
     root: Path | None = None  # the raw dataset's folder: outputs name the inputs relative to it
+    site: str | None = None  # where it was acquired: picks a site layer's rule
 
     @property
     def folder(self) -> Path:
@@ -133,16 +154,51 @@ def _entities(name: str) -> dict[str, str]:
     return dict(p.split("-", 1) for p in pairs if "-" in p)
 
 
+def _site_value(value: object) -> str | None:
+    """A site as text; BIDS's ``n/a``, an empty cell or a missing value is no site."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return None if text in ("", "n/a") else text
+
+
+def participant_sites(bids_dir: str | Path) -> dict[str, str | None]:
+    """Each participant's site (label without ``sub-``) from the raw dataset's
+    ``participants.tsv``; empty when the file or its ``site`` column is absent (BIDS makes
+    both optional). ``n/a`` is no site."""
+    path = Path(bids_dir) / PARTICIPANTS_TSV
+    if not path.is_file():
+        return {}
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read the participant table ({exc})") from exc
+    if "site" not in table.columns:
+        return {}
+    if "participant_id" not in table.columns:
+        raise DataError(path, "no participant_id column (BIDS requires it first)")
+    sites: dict[str, str | None] = {}
+    for line, (pid, site) in enumerate(zip(table["participant_id"], table["site"],
+                                           strict=True), start=2):
+        label = pid.strip().removeprefix("sub-")
+        if label in sites:
+            raise DataError(path, f"line {line}: participant {pid!r} listed twice")
+        sites[label] = _site_value(site)
+    return sites
+
+
 def discover_bids(bids_dir: str | Path, participants: Sequence[str] = (),
-                  sessions: Sequence[str] = ()) -> list[Scan]:
+                  sessions: Sequence[str] = (), site: str | None = None) -> list[Scan]:
     """Every ``*_FLAIR.nii[.gz]`` under ``sub-*/[ses-*/]anat``, paired with the T1w of the
     same entities (or the only T1w of its folder). A FLAIR without a T1w is returned with a
-    ``problem``, so it is reported, not dropped. Labels are given without ``sub-``/``ses-``."""
+    ``problem``, so it is reported, not dropped. Labels are given without ``sub-``/``ses-``.
+    Each scan's site is its participant's in ``participants.tsv``, else ``site``."""
     root = Path(bids_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: BIDS directory not found")
     if not (root / "dataset_description.json").is_file():
         raise ValueError(f"{root}: not a BIDS dataset (no dataset_description.json)")
+    sites = participant_sites(root)
     wanted_p = {p.removeprefix("sub-") for p in participants}
     wanted_s = {s.removeprefix("ses-") for s in sessions}
     scans = []
@@ -164,11 +220,12 @@ def discover_bids(bids_dir: str | Path, participants: Sequence[str] = (),
                 problem = "" if t1 else f"no matching *_T1w.nii[.gz] in {anat.relative_to(root)}"
                 scans.append(Scan(label, ents.get("ses", session), flair, t1, prefix,
                                   flair.relative_to(root).as_posix(), problem, from_bids=True,
-                                  root=root))
+                                  root=root, site=sites.get(label) or _site_value(site)))
     missing = wanted_p - {s.participant for s in scans}
     for label in sorted(missing):
         scans.append(Scan(label, None, None, None, f"sub-{label}", f"sub-{label}",
-                          "participant label given but no FLAIR found", root=root))
+                          "participant label given but no FLAIR found", root=root,
+                          site=sites.get(label) or _site_value(site)))
     return scans
 
 
@@ -188,8 +245,9 @@ def _common_folder(paths: Sequence[Path], default: Path) -> Path:
     return Path(os.path.commonpath(folders)) if folders else Path(os.path.abspath(default))
 
 
-def scans_from_manifest(path: str | Path) -> list[Scan]:
-    """Scans listed in a manifest CSV with ``subject_id``, ``flair`` and ``t1`` columns.
+def scans_from_manifest(path: str | Path, site: str | None = None) -> list[Scan]:
+    """Scans listed in a manifest CSV with ``subject_id``, ``flair`` and ``t1`` columns, and
+    optionally ``site`` (a row without one takes ``site``).
 
     A relative path in the manifest is taken relative to the manifest's folder (not to where
     the command runs). Outputs name the inputs relative to the deepest folder that holds them
@@ -211,19 +269,21 @@ def scans_from_manifest(path: str | Path) -> list[Scan]:
         flair, t1 = (path.parent / str(value) if isinstance(value, str) and value else None
                      for value in (row.flair, row.t1))
         problem = "" if flair and t1 else "manifest row lacks a FLAIR or a T1 path"
+        row_site = _site_value(getattr(row, "site", None)) if "site" in table else None
         scans.append(Scan(label, None, flair, t1, f"sub-{label}", str(row.subject_id),
-                          problem))
+                          problem, site=row_site or _site_value(site)))
     root = _common_folder([p for s in scans for p in (s.flair, s.t1) if p], path.parent)
     return [replace(s, root=root) for s in scans]
 
 
-def single_scan(flair: str | Path, t1: str | Path, participant: str = "01") -> Scan:
+def single_scan(flair: str | Path, t1: str | Path, participant: str = "01",
+                site: str | None = None) -> Scan:
     """One FLAIR/T1 pair given on the command line; outputs name them relative to the deepest
     folder that holds both."""
     label = bids_label(participant)
     root = _common_folder([Path(flair), Path(t1)], Path(flair).parent)
     return Scan(label, None, Path(flair), Path(t1), f"sub-{label}",
-                relative_name(flair, root), root=root)
+                relative_name(flair, root), root=root, site=_site_value(site))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,14 +388,50 @@ def mark_empty(record: dict) -> dict:
     return record
 
 
-def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResult:
+#: How the folds' flags make the scan's flag, in words (:meth:`Bundle.combine`).
+COMBINE_RULES = {"half": "flagged when at least half of the folds flag",
+                 "any": "flagged when any fold flags"}
+
+
+def applied_rule(bundle: Bundle, site: str | None) -> dict:
+    """The rule triage applies to a scan of ``site``: where it comes from (the bundle, or the
+    site layer's rule for this site), how the folds' flags combine and each fold's threshold.
+    ``layer_sha256`` names the layer loaded (None without one), whether or not it had a rule
+    for this site: a record made under another layer is redone."""
+    combine = bundle.combine(site)
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"unknown rule {combine!r} for combining the folds' flags (known: "
+                         f"{', '.join(COMBINE_RULES)})")
+    layer = bundle.layer or {}
+    from_layer = bundle.site_rule(site) is not None
+    return {"source": "layer" if from_layer else "bundle", "site": site,
+            "layer": layer.get("name"), "layer_sha256": layer.get("digest"),
+            "combine": combine,
+            "thresholds": {str(f): bundle.threshold(f, site) for f in bundle.folds}}
+
+
+def _threshold_source(bundle: Bundle, rule: dict) -> str:
+    """Where a flag's thresholds came from, for the reason."""
+    if rule["source"] == "layer":
+        values = sorted(set(rule["thresholds"].values()))
+        return (f"site {rule['site']}'s calibrated threshold "
+                f"{', '.join(f'{v:.4g}' for v in values)} (site layer {rule['layer']})")
+    if bundle.info.get("guarantee"):
+        return "the bundle's guaranteed threshold"
+    return "the bundle's validation-chosen threshold"
+
+
+def triage_case(bundle: Bundle, models: Sequence[FoldModels], case,
+                site: str | None = None) -> ScanResult:
     """The delivered segmentation of one preprocessed scan, every fold's QC scores of it, the
-    vote and the maps (see the module docstring)."""
+    flag by the rule for ``site`` (:func:`applied_rule`) and the maps (see the module
+    docstring)."""
     from ..qc.evaluation import flag_cases
 
     if not models:
         raise ValueError("no fold model to triage with")
     spec = bundle.score
+    rule = applied_rule(bundle, site)
     fold_maps = [_fold_mc(bundle, fm, case) for fm in models]
     probability = np.mean([m.mean for m in fold_maps], axis=0)
     delivered = probability > 0.5
@@ -343,16 +439,19 @@ def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResul
     for fm, maps in zip(models, fold_maps, strict=True):
         scores, error = _fold_scores(bundle, fm, case, maps, delivered)
         value = float(scores[spec.column])
-        flag = bool(flag_cases(np.array([value]), fm.threshold, spec.higher_is_better)[0])
-        per_fold.append({"fold": fm.fold, "threshold": fm.threshold, "qc_score": value,
+        threshold = bundle.threshold(fm.fold, site)
+        flag = bool(flag_cases(np.array([value]), threshold, spec.higher_is_better)[0])
+        per_fold.append({"fold": fm.fold, "threshold": threshold, "qc_score": value,
                          "flagged": flag, "scores": scores})
         errors.append(error)
     n_flagging = sum(f["flagged"] for f in per_fold)
     fraction = n_flagging / len(per_fold)
+    by_score = fraction >= 0.5 if rule["combine"] == "half" else n_flagging > 0
     reasons = []
-    if fraction >= 0.5:
-        reasons.append(f"{spec.label} beyond the validation-chosen threshold in "
-                       f"{n_flagging} of {len(per_fold)} folds")
+    if by_score:
+        reasons.append(f"{spec.label} beyond {_threshold_source(bundle, rule)} in "
+                       f"{n_flagging} of {len(per_fold)} folds (rule: "
+                       f"{COMBINE_RULES[rule['combine']]})")
     ood = out_of_distribution(case.meta["image_features"], bundle.info["feature_ranges"])
     if ood:
         reasons.append("unlike the training cohort: " + "; ".join(ood))
@@ -362,7 +461,7 @@ def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResul
     raw = raw if raw is not None and math.isfinite(raw) else None
     names = list(per_fold[0]["scores"])
     record = {
-        "status": "ok", "flagged": bool(fraction >= 0.5 or ood),
+        "status": "ok", "flagged": bool(by_score or ood),
         "qc_score": float(np.mean([f["qc_score"] for f in per_fold])),
         "qc_score_name": spec.column, "folds_flagging": fraction,
         "scores_on_delivered_mask": [n for n in names if n not in MASK_FREE_SCORES],
@@ -372,7 +471,7 @@ def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResul
         "predicted_dice_sd": float(np.std(predicted)) if predicted else None,
         "predicted_dice_range": [clip_dice(min(predicted)), clip_dice(max(predicted))]
         if predicted else None,
-        "reason": "; ".join(reasons), "per_fold": per_fold,
+        "reason": "; ".join(reasons), "rule": rule, "per_fold": per_fold,
         "image_features": case.meta["image_features"],
     }
     if not delivered.any():
@@ -385,11 +484,21 @@ def triage_case(bundle: Bundle, models: Sequence[FoldModels], case) -> ScanResul
 # Outputs
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+def _temporary(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other process writes (host and process id):
+    processes that write the same file at once each replace it whole, none half-writes it."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _atomic_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    tmp = _temporary(path)
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    _atomic_text(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 def _as_uri(source: str | Path) -> str:
@@ -415,7 +524,7 @@ def write_dataset_description(out_dir: Path, bundle: Bundle, source: str | Path,
             "SourceDatasets": [{"URL": _as_uri(source)}],
             "DatasetLinks": {"raw": _as_uri(raw)}}
     _atomic_json(out_dir / "dataset_description.json", desc)
-    (out_dir / ".bidsignore").write_text("\n".join(BIDSIGNORE) + "\n")
+    _atomic_text(out_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
 
 
 def read_record(out_dir: Path, scan: Scan) -> dict | None:
@@ -489,7 +598,7 @@ def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float,
     provenance = provenance or {}
     record = {"participant_id": f"sub-{scan.participant}",
               "session_id": f"ses-{scan.session}" if scan.session else "n/a",
-              "source": scan.source,
+              "source": scan.source, "site": scan.site,
               "inputs": {role: input_name(scan, role) for role in ("flair", "t1")},
               "inputs_sha256": provenance.get("inputs_sha256"),
               **result.record,
@@ -508,7 +617,8 @@ def write_scan(out_dir: Path, scan: Scan, result: ScanResult, seconds: float,
     return record
 
 
-def error_record(out_dir: Path, scan: Scan, reason: str, seconds: float) -> dict:
+def error_record(out_dir: Path, scan: Scan, reason: str, seconds: float,
+                 audit: bool = False) -> dict:
     """The record of a scan that could not be triaged; its earlier outputs are removed. Paths
     under the raw dataset in ``reason`` become relative to it."""
     shutil.rmtree(out_dir / "logs" / "staging" / scan.prefix, ignore_errors=True)
@@ -518,7 +628,8 @@ def error_record(out_dir: Path, scan: Scan, reason: str, seconds: float) -> dict
             path.unlink(missing_ok=True)
     record = {"participant_id": f"sub-{scan.participant}",
               "session_id": f"ses-{scan.session}" if scan.session else "n/a",
-              "source": scan.source, "status": "error", "flagged": None,
+              "source": scan.source, "site": scan.site, "audit": bool(audit),
+              "status": "error", "flagged": None,
               "reason": without_root(reason, scan.root), "seconds": round(seconds, 2)}
     _atomic_json(out_dir / scan.output("record"), record)
     return record
@@ -549,8 +660,9 @@ def write_group(out_dir: str | Path, bundle: Bundle | None = None,
     out_dir = Path(out_dir)
     table = group_table(out_dir)
     text = table.drop(columns="record").copy()
-    text["flagged"] = text["flagged"].map({True: "true", False: "false"})
-    tmp = out_dir / f".{GROUP_TSV}.tmp"
+    for column in ("flagged", "audit"):
+        text[column] = text[column].map({True: "true", False: "false"})
+    tmp = _temporary(out_dir / GROUP_TSV)
     text.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.4g")
     os.replace(tmp, out_dir / GROUP_TSV)
     if bundle is not None:
@@ -611,12 +723,34 @@ def _prepare(job: tuple) -> tuple:
         return index, _describe(exc), time.perf_counter() - start, None
 
 
-def _up_to_date(record: dict | None, scan: Scan, bundle_sha: str) -> bool:
-    """Whether a scan's earlier record stands: status ok, made with this bundle from these
-    inputs (a record without the digests, from an older wmhqc, does not)."""
+def in_audit_sample(seed: int, participant_id: str, session_id: str, fraction: float) -> bool:
+    """Whether a scan belongs to the audit sample: a uniform number in [0, 1) from a hash of
+    the bundle's seed, participant and session (``sub-01``, ``ses-A`` or ``n/a``) is below
+    ``fraction``. The same scan is marked in every run and every process, whatever else is
+    triaged, and a larger fraction marks a superset."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"audit fraction {fraction}: must lie between 0 and 1")
+    text = f"wmhqc-audit\0{seed}\0{participant_id}\0{session_id}".encode()
+    uniform = int.from_bytes(hashlib.sha256(text).digest()[:8], "big") / 2.0 ** 64
+    return uniform < fraction
+
+
+def _scan_ids(scan: Scan) -> tuple[str, str]:
+    return f"sub-{scan.participant}", f"ses-{scan.session}" if scan.session else "n/a"
+
+
+def _up_to_date(record: dict | None, scan: Scan, bundle_sha: str,
+                layer_sha: str | None = None) -> bool:
+    """Whether a scan's earlier record stands: status ok, made with this bundle and this site
+    layer (or none, as now) from these inputs for this site (a record without the digests,
+    from an older wmhqc, does not)."""
     if record is None or record.get("status") != "ok":
         return False
     if (record.get("bundle") or {}).get("manifest_sha256") != bundle_sha:
+        return False
+    if (record.get("rule") or {}).get("layer_sha256") != layer_sha:
+        return False
+    if record.get("site") != scan.site:
         return False
     try:
         return record.get("inputs_sha256") == input_digests(scan)
@@ -639,41 +773,78 @@ def _raw_root(scans: Sequence[Scan], source: str) -> Path | None:
     return _common_folder(inputs, Path.cwd()) if inputs else None
 
 
+def _run_log(out_dir: Path, log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log``, and each line appended to this process's own file under ``logs/`` (named by
+    time, host and process id, so that processes writing into one output never share one)."""
+    path = (out_dir / "logs" / f"triage-{time.strftime('%Y%m%dT%H%M%S')}-"
+            f"{socket.gethostname()}-{os.getpid()}.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def both(line: str) -> None:
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+        log(line)
+
+    return both
+
+
+def _mark_audit(out_dir: Path, scan: Scan, record: dict, audit: bool) -> None:
+    """Set the audit mark of a record that otherwise stands (the fraction changed since)."""
+    if bool(record.get("audit", False)) != audit:
+        _atomic_json(out_dir / scan.output("record"), record | {"audit": audit})
+
+
 def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
                source: str = "", nprocs: int = 1, progress: bool = True,
-               log: Callable[[str], None] = print) -> TriageSummary:
+               log: Callable[[str], None] = print, group: bool = True,
+               audit_fraction: float = 0.0) -> TriageSummary:
     """Triage ``scans`` into the derivative dataset ``out_dir`` (see the module docstring).
 
-    Scans whose record says ``ok`` and whose bundle and input digests are unchanged are
-    skipped. Preprocessing runs in ``nprocs`` worker processes while the networks run here,
-    one scan at a time; the same workers then draw the report pages (when there was more than
-    one scan to triage). An error in one scan (in a worker or here) becomes its ``error``
-    record and the others go on. ``source`` names the input dataset for
-    ``SourceDatasets`` (default: the scans' raw dataset folder).
+    Scans whose record says ``ok`` and whose bundle, site layer, site and input digests are
+    unchanged are skipped (their audit mark is updated if ``audit_fraction`` changed).
+    Preprocessing runs in ``nprocs`` worker processes while the networks run here, one scan at
+    a time; the same workers then draw the report pages (when there was more than one scan to
+    triage). An error in one scan (in a worker or here) becomes its ``error`` record and the
+    others go on. ``source`` names the input dataset for ``SourceDatasets`` (default: the
+    scans' raw dataset folder). ``audit_fraction``: the share of scans marked ``audit`` for
+    review whatever their flag (:func:`in_audit_sample`). ``group=False`` writes the scans'
+    files only, not ``group_qc.tsv`` nor the pages, for participant-level processes that share
+    the output folder; the summary's table then holds this run's scans only.
     """
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    seed = bundle.info["seed"]
+    if not 0.0 <= audit_fraction <= 1.0:
+        raise ValueError(f"audit fraction {audit_fraction}: must lie between 0 and 1")
     raw = _raw_root(scans, source)
     scans = [replace(s, root=raw) for s in scans]
     write_dataset_description(out_dir, bundle, source or raw or "unknown", raw)
+    log = _run_log(out_dir, log)
     bundle_sha = bundle_digest(bundle)
+    layer_sha = (bundle.layer or {}).get("digest")
+    audit = {scan.prefix: in_audit_sample(seed, *_scan_ids(scan), audit_fraction)
+             for scan in scans}
     todo, skipped, changed = [], 0, 0
     for scan in scans:
         rec = read_record(out_dir, scan)
-        if _up_to_date(rec, scan, bundle_sha):
+        if _up_to_date(rec, scan, bundle_sha, layer_sha):
             skipped += 1
+            _mark_audit(out_dir, scan, rec, audit[scan.prefix])
         else:
             changed += rec is not None and rec.get("status") == "ok"
             todo.append(scan)
     if skipped:
-        log(f"{skipped} scan(s) already triaged in {out_dir} with this bundle from these "
-            "inputs: skipped")
+        log(f"{skipped} scan(s) already triaged in {out_dir} with this bundle and site layer "
+            "from these inputs: skipped")
     if changed:
-        log(f"{changed} scan(s) triaged before with another bundle or from other inputs: "
-            "redone")
+        log(f"{changed} scan(s) triaged before with another bundle or site layer, for another "
+            "site or from other inputs: redone")
+    if bundle.layer is not None:
+        log(f"site layer {bundle.layer.get('name')}: calibrated rule for site(s) "
+            f"{', '.join(sorted(bundle.layer.get('sites', {}))) or 'none'}")
     settings = bundle.preprocess_settings
     jobs = [(i, scan, settings) for i, scan in enumerate(todo)]
     # the workers start and preprocess while the networks load here
@@ -691,7 +862,8 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
                 reason = case if isinstance(case, str) else None
                 if reason is None:
                     try:
-                        result = triage_case(bundle, models, case)
+                        result = triage_case(bundle, models, case, scan.site)
+                        result.record["audit"] = audit[scan.prefix]
                         total = prep_s + time.perf_counter() - start
                         rec = write_scan(out_dir, scan, result, total,
                                          {"bundle_sha256": bundle_sha,
@@ -700,7 +872,8 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
                         reason = _describe(exc)
                 if reason is not None:
                     rec = error_record(out_dir, scan, reason,
-                                       prep_s + time.perf_counter() - start)
+                                       prep_s + time.perf_counter() - start,
+                                       audit[scan.prefix])
                     n_error += 1
                     log(f"{scan.prefix}: error: {rec['reason']}")
                 else:
@@ -708,9 +881,15 @@ def run_triage(bundle: Bundle, scans: Sequence[Scan], out_dir: str | Path, *,
                     seconds.append(total)
                     verdict = "FLAGGED" if rec["flagged"] else "passed"
                     log(f"{scan.prefix}: {verdict} ({total:.1f} s)"
+                        + (" [audit sample]" if rec["audit"] else "")
                         + (f": {rec['reason']}" if rec["flagged"] else ""))
                 bar.update()
-        table = write_group(out_dir, bundle, pool)
+        if group:
+            table = write_group(out_dir, bundle, pool)
+        else:
+            mine = {scan.output("record").as_posix() for scan in scans}
+            table = group_table(out_dir)
+            table = table[table["record"].isin(mine)].reset_index(drop=True)
     except BaseException:
         if pool:  # an error or Ctrl-C here: do not wait for the queued scans
             pool.terminate()

@@ -136,39 +136,68 @@ def reproduce_command(jobs: StudyJobs, kind: str) -> list[str]:
     return cmd
 
 
-def _quote(arg: str) -> str:
+def shell_arg(arg: str) -> str:
+    """One word of a job's command line: ``$VARIABLE`` in double quotes (the job's shell
+    expands it), anything else quoted as it is."""
     return f'"{arg}"' if arg.startswith("$") else shlex.quote(arg)
 
 
-def _sbatch_options(jobs: StudyJobs, settings: ClusterSettings, kind: str) -> list[str]:
-    opts = [f"--job-name={settings.job_name}-{kind}"]
+def sbatch_options(settings, *, name: str, time: str, output: Path, chdir: Path,
+                   array: str | None = None, gpus: int = 0) -> list[str]:
+    """The ``#SBATCH`` options of one wmhqc job (without the ``#SBATCH`` prefix).
+
+    ``settings`` is a :class:`ClusterSettings` or any object with its resource fields
+    (``partition``, ``account``, ``cpus``, ``mem``, ``gpu_option``, ``gpu_type``,
+    ``extra_sbatch``), such as the triage jobs' settings; ``gpus`` are this job's GPUs."""
+    opts = [f"--job-name={name}"]
     if settings.partition:
         opts.append(f"--partition={settings.partition}")
     if settings.account:
         opts.append(f"--account={settings.account}")
-    opts.append(f"--time={settings.time_of(kind)}")
+    opts.append(f"--time={time}")
     opts += ["--nodes=1", "--ntasks=1", f"--cpus-per-task={settings.cpus}"]
     if settings.mem:
         opts.append(f"--mem={settings.mem}")
-    if kind == "folds":
-        opts.append(f"--array={array_spec(jobs.folds, settings.max_parallel)}")
-        if settings.gpus:
-            kind_ = f"{settings.gpu_type}:" if settings.gpu_type else ""
-            if settings.gpu_option == "gpus":
-                opts.append(f"--gpus={kind_}{settings.gpus}")
-            elif settings.gpu_option == "gres":
-                opts.append(f"--gres=gpu:{kind_}{settings.gpus}")
-            else:
-                raise ValueError(f"gpu_option must be 'gres' or 'gpus', not "
-                                 f"{settings.gpu_option!r}")
-        log = jobs.log_dir / "slurm-%A_%a.out"
-    else:
-        log = jobs.log_dir / f"slurm-{kind}-%j.out"
-    opts += [f"--output={log}", f"--chdir={jobs.repo_root}"]
+    if array:
+        opts.append(f"--array={array}")
+    if gpus:
+        kind_ = f"{settings.gpu_type}:" if settings.gpu_type else ""
+        if settings.gpu_option == "gpus":
+            opts.append(f"--gpus={kind_}{gpus}")
+        elif settings.gpu_option == "gres":
+            opts.append(f"--gres=gpu:{kind_}{gpus}")
+        else:
+            raise ValueError(f"gpu_option must be 'gres' or 'gpus', not "
+                             f"{settings.gpu_option!r}")
+    opts += [f"--output={output}", f"--chdir={chdir}"]
     for line in settings.extra_sbatch:
         line = line.strip()
         opts.append(line[len("#SBATCH"):].strip() if line.startswith("#SBATCH") else line)
     return opts
+
+
+def _sbatch_options(jobs: StudyJobs, settings: ClusterSettings, kind: str) -> list[str]:
+    folds = kind == "folds"
+    log = jobs.log_dir / ("slurm-%A_%a.out" if folds else f"slurm-{kind}-%j.out")
+    return sbatch_options(settings, name=f"{settings.job_name}-{kind}",
+                          time=settings.time_of(kind), output=log, chdir=jobs.repo_root,
+                          array=array_spec(jobs.folds, settings.max_parallel) if folds else None,
+                          gpus=settings.gpus if folds else 0)
+
+
+def preamble(settings, repo_root: Path) -> list[str]:
+    """The lines every job runs before its ``wmhqc`` command: strict shell, the checkout, the
+    site's setup (environment modules, the virtual environment), the Keras backend, and a line
+    in the log naming the job and the node."""
+    lines = ["set -eo pipefail",  # no -u: module and activate scripts read unset variables
+             f"cd {shlex.quote(str(repo_root))}"]
+    if settings.setup:
+        lines.append(settings.setup)
+    if settings.backend:
+        lines.append(f"export KERAS_BACKEND={shlex.quote(settings.backend)}")
+    lines.append('echo "[slurm] job ${SLURM_JOB_ID:-?} task ${SLURM_ARRAY_TASK_ID:-none} on '
+                 '$(hostname)"')
+    return lines
 
 
 def job_script(jobs: StudyJobs, settings: ClusterSettings, kind: str) -> str:
@@ -182,15 +211,8 @@ def job_script(jobs: StudyJobs, settings: ClusterSettings, kind: str) -> str:
              *(f"#SBATCH {o}" for o in _sbatch_options(jobs, settings, kind)),
              f"# wmhqc {kind} job ({what}): {', '.join(steps) or 'no notebooks'}"
              + (" + book" if kind == "final" else ""),
-             "set -eo pipefail",  # no -u: module and activate scripts read unset variables
-             f"cd {shlex.quote(str(jobs.repo_root))}"]
-    if settings.setup:
-        lines.append(settings.setup)
-    if settings.backend:
-        lines.append(f"export KERAS_BACKEND={shlex.quote(settings.backend)}")
-    lines.append('echo "[slurm] job ${SLURM_JOB_ID:-?} task ${SLURM_ARRAY_TASK_ID:-none} on '
-                 '$(hostname)"')
-    lines.append(" ".join(_quote(a) for a in reproduce_command(jobs, kind)))
+             *preamble(settings, jobs.repo_root)]
+    lines.append(" ".join(shell_arg(a) for a in reproduce_command(jobs, kind)))
     return "\n".join(lines) + "\n"
 
 
@@ -208,11 +230,14 @@ def write_scripts(jobs: StudyJobs, settings: ClusterSettings) -> dict[str, Path]
 
 
 def sbatch_command(script: Path, after: str | None, settings: ClusterSettings,
-                   sbatch: str = "sbatch") -> list[str]:
+                   sbatch: str = "sbatch", dependency: str = "afterok") -> list[str]:
+    """``sbatch --parsable [--dependency=<dependency>:<after>] script``; ``afterok`` waits for
+    success (and with ``kill_on_invalid_dep`` cancels the job when ``after`` fails),
+    ``afterany`` for the end, whatever the outcome."""
     cmd = [sbatch, "--parsable"]
     if after:
-        cmd.append(f"--dependency=afterok:{after}")
-        if settings.kill_on_invalid_dep:
+        cmd.append(f"--dependency={dependency}:{after}")
+        if settings.kill_on_invalid_dep and dependency == "afterok":
             cmd.append("--kill-on-invalid-dep=yes")
     return cmd + [str(script)]
 
@@ -224,6 +249,26 @@ def parse_job_id(stdout: str) -> str:
     if not job_id.isdigit():
         raise SlurmError(f"sbatch printed no job id: {stdout.strip()!r}")
     return job_id
+
+
+def run_sbatch(cmd: Sequence[str], submitted: dict[str, str | None]) -> str:
+    """Run one ``sbatch --parsable ... SCRIPT`` command line and return the job id; an error
+    names the script and lists the jobs ``submitted`` before it, to cancel."""
+    script = cmd[-1]
+    done = ", ".join(f"{k} {v}" for k, v in submitted.items() if v)
+    hint = f" (already submitted: {done}; scancel them)" if done else ""
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise SlurmError(f"{cmd[0]!r} not found on PATH; --dry-run only writes the scripts "
+                         f"under {Path(script).parent}{hint}") from exc
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch failed for {script} (exit {proc.returncode}): "
+                         f"{(proc.stderr or proc.stdout).strip()}{hint}")
+    try:
+        return parse_job_id(proc.stdout)
+    except SlurmError as exc:
+        raise SlurmError(f"{exc} for {script}{hint}") from None
 
 
 def submit(jobs: StudyJobs, settings: ClusterSettings, dry_run: bool = False,
@@ -244,21 +289,7 @@ def submit(jobs: StudyJobs, settings: ClusterSettings, dry_run: bool = False,
             ids[kind] = None
             after = kind
             continue
-        cmd = sbatch_command(script, after, settings, sbatch)
-        submitted = ", ".join(f"{k} {v}" for k, v in ids.items())
-        hint = f" (already submitted: {submitted}; scancel them)" if ids else ""
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError as exc:
-            raise SlurmError(f"{sbatch!r} not found on PATH; --dry-run only writes the "
-                             f"scripts under {jobs.script_dir}{hint}") from exc
-        if proc.returncode != 0:
-            raise SlurmError(f"sbatch failed for {script} (exit {proc.returncode}): "
-                             f"{(proc.stderr or proc.stdout).strip()}{hint}")
-        try:
-            ids[kind] = parse_job_id(proc.stdout)
-        except SlurmError as exc:
-            raise SlurmError(f"{exc} for {script}{hint}") from None
+        ids[kind] = run_sbatch(sbatch_command(script, after, settings, sbatch), ids)
         after = ids[kind]
         print(f"submitted {kind} job {ids[kind]}: {script}", flush=True)
     if not dry_run:
