@@ -921,7 +921,10 @@ def score_against_truth(out_dir: str | Path, truth: pd.DataFrame, quality_thresh
 
     out_dir = Path(out_dir)
     table = group_table(out_dir)
-    table = table[table["status"] == "ok"].merge(truth, on="participant_id", how="inner")
+    # the truth's own columns (its site, say) stand for the scan where both tables have one
+    shared = [c for c in truth.columns if c in table.columns and c != "participant_id"]
+    table = table[table["status"] == "ok"].drop(columns=shared).merge(
+        truth, on="participant_id", how="inner")
     rows = []
     for row in table.itertuples():
         record = json.loads((out_dir / row.record).read_text())
