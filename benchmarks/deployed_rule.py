@@ -32,6 +32,7 @@ from wmhqc_lib.config import load_profile
 from wmhqc_lib.data import synth
 from wmhqc_lib.deploy import bundle as bundle_mod
 from wmhqc_lib.deploy import triage
+from wmhqc_lib.deploy.calibrate import wilson
 
 
 def main() -> None:
@@ -91,17 +92,6 @@ def main() -> None:
             raise SystemExit("this wmhqc cannot store a deployed check in a bundle")
         write(model.root, measured)
         print(f"stored in {model.root / 'deployed_check.json'}")
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion k/n (nan, nan when n is 0)."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (0.0 if k == 0 else max(0.0, centre - half),
-            1.0 if k == n else min(1.0, centre + half))
 
 
 def measure(scored: pd.DataFrame, n_error: int = 0) -> dict:
