@@ -119,8 +119,9 @@ def measure(scored: pd.DataFrame, n_error: int = 0) -> dict:
 
 
 def compare_with_card(card: dict, measured: dict) -> pd.DataFrame:
-    """The card's test-fold figures beside the deployed rule's realised ones."""
-    op = card["test_operating_point"]
+    """The card's test-fold figures of the rule the bundle deploys (its guaranteed threshold
+    where it carries one) beside the deployed rule's realised ones."""
+    op, rule = bundle_mod.deployed_operating_point(card)
 
     def show(d: dict | None) -> str:
         if not d or d.get("estimate") is None or not math.isfinite(d["estimate"]):
@@ -129,7 +130,7 @@ def compare_with_card(card: dict, measured: dict) -> pd.DataFrame:
 
     names = ["recall", "specificity", "review_fraction", "precision", "prevalence"]
     return pd.DataFrame({
-        "card (study test folds)": [show(op.get(n)) for n in names],
+        f"card (study test folds, {rule})": [show(op.get(n)) for n in names],
         "deployed rule (new scans)": [show(measured.get(n)) for n in names]}, index=names)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import warnings
 from collections.abc import Callable
@@ -151,6 +152,18 @@ def smoke_run(smoke_cohort, shared_tmp) -> tuple[int, Path]:
 
     results, info = built_once(shared_tmp, "smoke_results", reproduce)
     return info["code"], results
+
+
+def sbatch_lines(text: str) -> list[str]:
+    """The ``#SBATCH`` options of a job script."""
+    return [line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+def wmhqc_command(text: str) -> list[str]:
+    """The one ``wmhqc ...`` line of a job script, split as the shell would."""
+    lines = [line for line in text.splitlines() if line.startswith("wmhqc ")]
+    assert len(lines) == 1, text
+    return shlex.split(lines[0])
 
 
 def write_test_notebook(path, body: str) -> None:

@@ -179,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                               folds=args.folds, overwrite=args.force,
                               target_recall=args.target_recall, confidence=args.confidence)
     guarantee = out.card.get("guarantee")
-    card = guarantee["cost"] if guarantee else out.card["test_operating_point"]
+    card, _ = bundle.deployed_operating_point(out.card)
     rule = (f"recall guarantee: {guarantee['statement']}; one threshold, any fold flags"
             if guarantee else f"rule {out.info['threshold_rule']}, half the folds flag")
     shown = {k: ("undefined" if card[k]["estimate"] is None else f"{card[k]['estimate']:.2f}")

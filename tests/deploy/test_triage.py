@@ -555,3 +555,11 @@ def test_realised_operating_point_against_known_truth(triaged, bids_input, tmp_p
     table = triage.promise_vs_realised(card, scored)
     assert table.loc["n_scans", "realised: all new scans"] == 1
     assert table.loc["precision", "promised (study test folds, 95 % CI)"] == "0.50 [0.40, 0.60]"
+    # a bundle with a recall guarantee deploys its guaranteed threshold: that is what it promises
+    cost = {k: {"estimate": 0.9, "low": 0.8, "high": 1.0} for k in
+            ("precision", "recall", "review_fraction")} | {"n_cases": 10, "n_failed": 5,
+                                                          "n_flagged": 7}
+    card["guarantee"] = {"statement": "recall >= 0.9 with 90 % confidence", "cost": cost}
+    table = triage.promise_vs_realised(card, scored)
+    assert table.loc["recall", "promised (study test folds, 95 % CI)"] == "0.90 [0.80, 1.00]"
+    assert table.loc["n_flagged", "promised (study test folds, 95 % CI)"] == 7

@@ -27,8 +27,9 @@ import pandas as pd
 import pytest
 from browsing import ARTIFACTS, Tab, file_base, served
 
+from wmhqc_lib.cli import main
+from wmhqc_lib.deploy import calibrate, triage
 from wmhqc_lib.deploy import report as triage_report
-from wmhqc_lib.deploy import triage
 
 
 class _Page(HTMLParser):
@@ -535,7 +536,8 @@ def _form(page, anchor: str):
 
 @pytest.mark.slow
 def test_verdicts_given_on_pages_from_file_urls_are_exported_as_tsv(browser, triaged,
-                                                                    tmp_path):
+                                                                    smoke_bundle, tmp_path,
+                                                                    capsys):
     _, out = triaged
     table = triage.group_table(out)
     assert (table["participant_id"] == "sub-badnan").any()
@@ -619,3 +621,29 @@ def test_verdicts_given_on_pages_from_file_urls_are_exported_as_tsv(browser, tri
     assert [r[:5] for r in rows] == [expected[a] for a in order]  # the group table's order
     for r in rows:  # when each verdict was saved, in UTC
         assert start <= datetime.strptime(r[5], _ISO_UTC).replace(tzinfo=UTC) <= end, r
+    # the file the browser wrote is what `wmhqc calibrate` reads, unedited
+    layer_dir = tmp_path / "layer"
+    assert main(["calibrate", str(out), "--model", str(smoke_bundle.root), "--verdicts",
+                 str(exported), "--layer-out", str(layer_dir)]) == 0
+    said = capsys.readouterr().out
+    result = calibrate.calibrate(out, smoke_bundle, exported)
+    judged = {a: expected[a][2] for a in expected}
+    ok = {triage_report.scan_anchor(rel): st == "ok"
+          for rel, st in zip(table["record"], table["status"], strict=True)}
+    flags = {triage_report.scan_anchor(rel): bool(f)
+             for rel, f in zip(table["record"], table["flagged"], strict=True)}
+    reviewed = [a for a in judged if ok[a]]  # a scan in error has no flag to judge
+    assert result.n_verdicts == 3
+    assert result.n_verdicts_on_errors == sum(not ok[a] for a in judged)
+    assert sum(s.counts["n_reviewed"] for s in result.sites) == len(reviewed)
+    failed = {a: judged[a] != "acceptable" for a in reviewed}
+    assert sum(s.counts["n_judged_failed"] for s in result.sites) == sum(failed.values())
+    contradicting = {a for a in reviewed if flags[a] != failed[a]}
+    listed = {p if s == "n/a" else f"{p}_{s}" for p, s in
+              zip(result.contradictions["participant_id"], result.contradictions["session_id"],
+                  strict=True)}
+    assert listed == contradicting
+    # two reviewed scans of a partly reviewed site: no calibration rows, so no site threshold
+    assert all(s.rule is None for s in result.sites)
+    assert "no layer" not in said and (layer_dir / "layer.json").is_file()
+    assert f"{len(contradicting)} contradiction(s)" in said

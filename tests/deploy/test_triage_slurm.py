@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import sbatch_lines, wmhqc_command
 
 from wmhqc_lib.cli import main
 from wmhqc_lib.deploy import triage
@@ -36,17 +37,6 @@ def small_bids(bids_input, tmp_path_factory) -> Path:
     for label in PARTICIPANTS:
         shutil.copytree(bids_input / f"sub-{label}", root / f"sub-{label}")
     return root
-
-
-def _sbatch_lines(text: str) -> list[str]:
-    return [line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")]
-
-
-def _command(text: str) -> list[str]:
-    """The ``wmhqc triage`` line of a job script, split as the shell would."""
-    lines = [line for line in text.splitlines() if line.startswith("wmhqc ")]
-    assert len(lines) == 1, text
-    return shlex.split(lines[0])
 
 
 # ---------------------------------------------------------------- scripts (no cluster)
@@ -69,7 +59,7 @@ def test_dry_run_writes_the_participant_list_and_both_scripts(small_bids, smoke_
     assert (folder / "participants.txt").read_text() == "01\n02\n03\n"
     text = {level: (folder / f"triage_{level}.sbatch").read_text()
             for level in ("participant", "group")}
-    opts = {level: _sbatch_lines(t) for level, t in text.items()}
+    opts = {level: sbatch_lines(t) for level, t in text.items()}
     for level, time in (("participant", "00:10:00"), ("group", "00:05:00")):
         for want in ("--partition=short", "--account=lab", f"--time={time}", "--cpus-per-task=3",
                      "--mem=4G", "--qos=fast", f"--chdir={pipeline.REPO_ROOT}",
@@ -83,8 +73,8 @@ def test_dry_run_writes_the_participant_list_and_both_scripts(small_bids, smoke_
     assert not any(o.startswith(("--array", "--gres")) for o in opts["group"])
     assert f"--output={folder}/participant-%A_%a.out" in opts["participant"]
     assert f"--output={folder}/group-%j.out" in opts["group"]
-    task = _command(text["participant"])
-    group = _command(text["group"])
+    task = wmhqc_command(text["participant"])
+    group = wmhqc_command(text["group"])
     common = ["--model", str(bundle_root), "--layer", str(layer.resolve())]
     assert task == ["wmhqc", "triage", str(small_bids.resolve()), str(out.resolve()),
                     "participant", *common, "--participant-label", "$label", "--skip-group",
@@ -94,7 +84,7 @@ def test_dry_run_writes_the_participant_list_and_both_scripts(small_bids, smoke_
                      *common]
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"sbatch --parsable {folder / 'triage_participant.sbatch'}"
-    assert printed[1] == ("sbatch --parsable '--dependency=afterany:<participant array job id>' "
+    assert printed[1] == ("sbatch --parsable '--dependency=afterany:<participant job id>' "
                           f"{folder / 'triage_group.sbatch'}")
     assert "3 participant(s)" in printed[2] and "nothing submitted" in printed[2]
     assert not (folder / "submitted.json").exists()

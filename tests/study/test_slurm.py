@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import write_test_notebook
+from conftest import sbatch_lines, wmhqc_command, write_test_notebook
 
 from wmhqc_lib.cli import main
 from wmhqc_lib.config import load_profile
 from wmhqc_lib.study import pipeline, slurm
 
 # ---------------------------------------------------------------- helpers
-
-
-def _sbatch_lines(text: str) -> list[str]:
-    return [line[len("#SBATCH "):] for line in text.splitlines() if line.startswith("#SBATCH ")]
-
-
-def _command(text: str) -> list[str]:
-    """The ``wmhqc reproduce`` line of a job script, split as the shell would."""
-    lines = [line for line in text.splitlines() if line.startswith("wmhqc ")]
-    assert len(lines) == 1, text
-    return shlex.split(lines[0])
 
 
 def _option(cmd: list[str], name: str) -> list[str]:
@@ -97,7 +85,7 @@ def test_job_scripts_hold_the_cluster_settings_and_stage_commands(tmp_path):
     assert scripts == {k: res / "slurm" / f"{k}.sbatch" for k in ("data", "folds", "final")}
     assert (res / "logs").is_dir()  # SLURM does not create the log folder
     text = {k: p.read_text() for k, p in scripts.items()}
-    opts = {k: _sbatch_lines(t) for k, t in text.items()}
+    opts = {k: sbatch_lines(t) for k, t in text.items()}
     for kind, time in (("data", "01:00:00"), ("folds", "12:00:00"), ("final", "00:30:00")):
         o = opts[kind]
         assert text[kind].startswith("#!/bin/bash\n")
@@ -115,7 +103,7 @@ def test_job_scripts_hold_the_cluster_settings_and_stage_commands(tmp_path):
         assert body.index("export KERAS_BACKEND=jax") < body.index(
             next(ln for ln in body if ln.startswith("wmhqc ")))
         assert f"cd {pipeline.REPO_ROOT}" in body
-        cmd = _command(text[kind])
+        cmd = wmhqc_command(text[kind])
         assert cmd[:2] == ["wmhqc", "reproduce"]
         assert _option(cmd, "--stage") == [kind]
         assert _option(cmd, "--profile") == ["smoke"]
@@ -129,7 +117,7 @@ def test_job_scripts_hold_the_cluster_settings_and_stage_commands(tmp_path):
     assert f"--output={res}/logs/slurm-%A_%a.out" in opts["folds"]
     assert f"--output={res}/logs/slurm-data-%j.out" in opts["data"]
     assert f"--output={res}/logs/slurm-final-%j.out" in opts["final"]
-    cmds = {k: _command(t) for k, t in text.items()}
+    cmds = {k: wmhqc_command(t) for k, t in text.items()}
     assert _option(cmds["folds"], "--folds") == ["$SLURM_ARRAY_TASK_ID"]
     assert '--folds "$SLURM_ARRAY_TASK_ID"' in text["folds"]  # expanded by the shell
     assert "--no-book" in cmds["folds"] and "--no-book" in cmds["data"]
@@ -143,13 +131,13 @@ def test_chosen_folds_gpus_option_and_defaults(tmp_path):
     settings = slurm.ClusterSettings(partition="p", gpus=1, gpu_option="gpus",
                                      max_parallel=1, setup="", mem=None)
     text = {k: p.read_text() for k, p in slurm.write_scripts(jobs, settings).items()}
-    folds = _sbatch_lines(text["folds"])
+    folds = sbatch_lines(text["folds"])
     assert "--array=1,3%1" in folds and "--gpus=1" in folds
     assert not any(o.startswith(("--account", "--mem")) for o in folds)
     assert "KERAS_BACKEND" not in text["folds"]
-    assert _option(_command(text["final"]), "--folds") == ["1", "3"]
+    assert _option(wmhqc_command(text["final"]), "--folds") == ["1", "3"]
     for t in text.values():  # no data root: the jobs use the profile's synthetic cohort
-        assert "--data-root" not in _command(t)
+        assert "--data-root" not in wmhqc_command(t)
     with pytest.raises(ValueError, match=r"outside 1\.\.2"):
         slurm.plan("smoke", results_dir=tmp_path, folds=[4])
 

@@ -444,6 +444,18 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
     return load_bundle(out_dir)
 
 
+def deployed_operating_point(card: dict) -> tuple[dict, str]:
+    """The test-fold operating point of the rule the bundle deploys, with a label naming it:
+    the guaranteed threshold's cost when the bundle carries a recall guarantee (its flags are
+    those of that threshold), else the profile's rule. Every promise made from a card (pages,
+    CLI, the deployed-rule check) reads it here, so none compares new scans with a rule the
+    bundle does not use."""
+    guarantee = card.get("guarantee")
+    if guarantee and guarantee.get("cost"):
+        return guarantee["cost"], f"guaranteed threshold ({guarantee['statement']})"
+    return card.get("test_operating_point") or {}, "the profile's rule"
+
+
 def _guarantee_card(guarantee: dict, cost: dict, profile_op: dict, rule: str) -> dict:
     """The card's entries for a guaranteed threshold: its rules, the guarantee with its cost
     on the test folds, and which operating point is the profile's rule."""
@@ -597,26 +609,37 @@ def add_deployed_check(root: str | Path, measured: dict) -> None:
 # Load
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle, checking its format version and every file's checksum first."""
-    root = Path(path)
+def verify_manifest(root: Path, *, what: str, fmt: int, error: type[ValueError],
+                    changed_after: str, again: str) -> dict:
+    """Read ``root``'s manifest and check its format and every listed file's checksum, raising
+    ``error`` that names the file and the problem; the manifest read. Bundles and site layers
+    are both checked this way before anything in them is used."""
     manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise error(f"{root}: not a {what} (no such folder)")
     if not manifest_path.is_file():
-        raise BundleError(f"{root}: not a wmhqc model bundle ({MANIFEST} missing)")
+        raise error(f"{root}: not a {what} ({MANIFEST} missing)")
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: unreadable ({exc})") from None
+        raise error(f"{manifest_path}: unreadable ({exc})") from None
     found = manifest.get("format")
-    if found != BUNDLE_FORMAT:
-        raise BundleError(f"{root}: bundle format {found!r}, this wmhqc reads format "
-                          f"{BUNDLE_FORMAT}; export the study again with this version")
-    for rel, digest in manifest["files"].items():
+    if found != fmt:
+        raise error(f"{root}: {what} format {found!r}, this wmhqc reads format {fmt}; {again}")
+    for rel, digest in (manifest.get("files") or {}).items():
         file = root / rel
         if not file.is_file():
-            raise BundleError(f"{file}: listed in {MANIFEST} but missing")
+            raise error(f"{file}: listed in {MANIFEST} but missing")
         if file_digest(file) != digest:
-            raise BundleError(f"{file}: checksum mismatch (the file changed after export)")
+            raise error(f"{file}: checksum mismatch (the file changed after {changed_after})")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle, checking its format version and every file's checksum first."""
+    root = Path(path)
+    verify_manifest(root, what="wmhqc model bundle", fmt=BUNDLE_FORMAT, error=BundleError,
+                    changed_after="export", again="export the study again with this version")
     info = json.loads((root / INFO).read_text())
     if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{root / INFO}: format {info.get('format')!r}, expected "

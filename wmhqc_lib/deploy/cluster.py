@@ -22,7 +22,6 @@ whose records are up to date, as a local ``wmhqc triage`` does.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -34,10 +33,9 @@ from ..study.slurm import (
     SlurmError,
     array_spec,
     preamble,
-    run_sbatch,
-    sbatch_command,
     sbatch_options,
     shell_arg,
+    submit_chain,
 )
 
 LEVELS = ("participant", "group")  # submission order: the array, then the group job
@@ -178,18 +176,9 @@ def submit(jobs: TriageJobs, settings: TriageSettings, dry_run: bool = False,
     Returns ``{level: job id}`` (``None`` for both with ``dry_run``, which only writes the
     scripts and prints the sbatch command lines); the ids also go to ``submitted.json``."""
     scripts = write_scripts(jobs, settings)
-    if dry_run:
-        for level, after in zip(LEVELS, (None, "<participant array job id>"), strict=True):
-            cmd = sbatch_command(scripts[level], after, settings, sbatch, dependency="afterany")
-            print(" ".join(shlex.quote(a) for a in cmd))
-        return dict.fromkeys(LEVELS)
-    ids: dict[str, str | None] = {}
-    ids["participant"] = run_sbatch(sbatch_command(scripts["participant"], None, settings,
-                                                   sbatch), ids)
-    ids["group"] = run_sbatch(sbatch_command(scripts["group"], ids["participant"], settings,
-                                             sbatch, dependency="afterany"), ids)
-    (jobs.script_dir / "submitted.json").write_text(json.dumps(ids, indent=2) + "\n")
-    return ids
+    return submit_chain([(level, scripts[level]) for level in LEVELS], settings,
+                        record=jobs.script_dir / "submitted.json", dry_run=dry_run,
+                        sbatch=sbatch, dependency="afterany")
 
 
 # ---------------------------------------------------------------------------------------------

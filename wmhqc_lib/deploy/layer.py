@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..study.steps import file_digest
-from .bundle import MANIFEST, Bundle
+from .bundle import MANIFEST, Bundle, verify_manifest
 
 LAYER_FORMAT = 1
 LAYER_JSON = "layer.json"
@@ -119,27 +119,11 @@ def load_layer(path: str | Path, bundle: Bundle) -> Bundle:
     anything is used. The layer as loaded adds its ``name`` (as written), ``digest`` (the
     SHA-256 of its manifest, which records name) and ``root``."""
     root = Path(path)
-    manifest_path = root / MANIFEST
-    if not root.is_dir():
-        raise LayerError(f"{root}: site layer not found")
-    if not manifest_path.is_file():
-        raise LayerError(f"{root}: not a wmhqc site layer ({MANIFEST} missing)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LayerError(f"{manifest_path}: unreadable ({exc})") from None
-    if manifest.get("format") != LAYER_FORMAT:
-        raise LayerError(f"{root}: layer format {manifest.get('format')!r}, this wmhqc reads "
-                         f"format {LAYER_FORMAT}; calibrate again with this version")
-    listed = manifest.get("files") or {}
-    if LAYER_JSON not in listed:
-        raise LayerError(f"{manifest_path}: does not list {LAYER_JSON}")
-    for rel, digest in listed.items():
-        file = root / rel
-        if not file.is_file():
-            raise LayerError(f"{file}: listed in {MANIFEST} but missing")
-        if file_digest(file) != digest:
-            raise LayerError(f"{file}: checksum mismatch (the file changed after calibration)")
+    manifest = verify_manifest(root, what="wmhqc site layer", fmt=LAYER_FORMAT,
+                               error=LayerError, changed_after="calibration",
+                               again="calibrate again with this version")
+    if LAYER_JSON not in (manifest.get("files") or {}):
+        raise LayerError(f"{root / MANIFEST}: does not list {LAYER_JSON}")
     data = json.loads((root / LAYER_JSON).read_text())
     if data.get("kind") != LAYER_KIND or data.get("format") != LAYER_FORMAT:
         raise LayerError(f"{root / LAYER_JSON}: not a site layer of format {LAYER_FORMAT}")
@@ -150,6 +134,6 @@ def load_layer(path: str | Path, bundle: Bundle) -> Bundle:
                          f"SHA-256 {str(written_for)[:12]}..., this bundle's {this[:12]}... at "
                          f"{bundle.root}); calibrate this bundle's triage output instead")
     _check_rules(data.get("sites", {}), root / LAYER_JSON)
-    loaded = data | {"digest": file_digest(manifest_path), "root": str(root),
+    loaded = data | {"digest": file_digest(root / MANIFEST), "root": str(root),
                      "name": data.get("name") or root.name}
     return dataclasses.replace(bundle, layer=loaded)

@@ -57,7 +57,7 @@ from matplotlib.figure import Figure
 
 from ..study.plots import diverging_limit
 from ..study.steps import file_digest
-from .bundle import MANIFEST, Bundle
+from .bundle import MANIFEST, Bundle, deployed_operating_point
 from .records import RECORD_SUFFIX, clip_dice, out_of_distribution, resolve_input
 
 GROUP_HTML = "group_qc.html"
@@ -403,7 +403,7 @@ def promise_text(card: dict) -> str:
     bundle exported with a recall guarantee states the guarantee first, and its test-fold
     figures are those of the guaranteed threshold (not of the profile's rule)."""
     guarantee = card.get("guarantee")
-    op = (guarantee or {}).get("cost") or card.get("test_operating_point") or {}
+    op, _ = deployed_operating_point(card)
     lead = (f"Guarantee: {guarantee['statement']} (threshold chosen on "
             f"{guarantee.get('choosing_rows', 'the validation cases')}). ") if guarantee else ""
     counts = ""

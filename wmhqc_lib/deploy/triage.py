@@ -72,7 +72,7 @@ import pandas as pd
 
 from ..data.io import DataError
 from ..study.steps import file_digest
-from .bundle import MANIFEST, Bundle
+from .bundle import MANIFEST, Bundle, deployed_operating_point
 from .records import (
     RECORD_SUFFIX,
     clip_dice,
@@ -958,9 +958,10 @@ def realised(scored: pd.DataFrame) -> dict:
 
 
 def promise_vs_realised(card: dict, scored: pd.DataFrame, group: str = "kind") -> pd.DataFrame:
-    """The model card's test-fold operating point (with its interval) beside what the flags
+    """The model card's test-fold operating point of the deployed rule (the guaranteed
+    threshold where the bundle carries a guarantee), with its interval, beside what the flags
     achieved on the triaged scans, overall and per ``group`` (e.g. the kind of new scan)."""
-    op = card["test_operating_point"]
+    op, _ = deployed_operating_point(card)
 
     def promised(name: str) -> str:
         d = op[name]

@@ -3,6 +3,7 @@
 In: trained networks and preprocessed cases. Out: Monte Carlo uncertainty maps and scores
 (``uncertainty``), reconstruction error maps (``reconstruction``), predicted Dice
 (``regression``), all cached per case (``case_cache``); then failure detection, ranking,
-risk-coverage and bootstrap intervals per fold (``evaluation``, ``metrics``) and the
-threshold explorer (``explorer``).
+risk-coverage and bootstrap intervals per fold (``evaluation``, ``metrics``), the threshold
+explorer (``explorer``), and thresholds with a finite-sample recall guarantee, with what they
+cost and how often they keep their promise (``guarantee``).
 """

@@ -271,27 +271,37 @@ def run_sbatch(cmd: Sequence[str], submitted: dict[str, str | None]) -> str:
         raise SlurmError(f"{exc} for {script}{hint}") from None
 
 
+def submit_chain(scripts: Sequence[tuple[str, Path]], settings, *, record: Path,
+                 dry_run: bool = False, sbatch: str = "sbatch",
+                 dependency: str = "afterok") -> dict[str, str | None]:
+    """Submit ``(name, script)`` pairs in order, each with ``--dependency=<dependency>`` on the
+    one before; ``{name: job id}``, also written to ``record``. ``dry_run`` only prints the
+    sbatch command lines (ids ``None``). An sbatch failure names the jobs already submitted."""
+    ids: dict[str, str | None] = {}
+    after: str | None = None
+    for name, script in scripts:
+        if dry_run:
+            shown = sbatch_command(script, after and f"<{after} job id>", settings, sbatch,
+                                   dependency)
+            print(" ".join(shlex.quote(a) for a in shown))
+            ids[name], after = None, name
+            continue
+        ids[name] = run_sbatch(sbatch_command(script, after, settings, sbatch, dependency), ids)
+        after = ids[name]
+        print(f"submitted {name} job {ids[name]}: {script}", flush=True)
+    if not dry_run:
+        record.write_text(json.dumps(ids, indent=2) + "\n")
+    return ids
+
+
 def submit(jobs: StudyJobs, settings: ClusterSettings, dry_run: bool = False,
            sbatch: str = "sbatch") -> dict[str, str | None]:
     """Write the scripts and submit them in order, each after the previous one succeeded.
 
     Returns ``{kind: job id}`` (``None`` for every job with ``dry_run``, which only writes the
-    scripts and prints the sbatch command lines).
+    scripts and prints the sbatch command lines); the ids also go to ``submitted.json``.
     """
     scripts = write_scripts(jobs, settings)
-    ids: dict[str, str | None] = {}
-    after: str | None = None
-    for kind in JOB_KINDS:
-        script = scripts[kind]
-        if dry_run:
-            shown = sbatch_command(script, after and f"<{after} job id>", settings, sbatch)
-            print(" ".join(shlex.quote(a) for a in shown))
-            ids[kind] = None
-            after = kind
-            continue
-        ids[kind] = run_sbatch(sbatch_command(script, after, settings, sbatch), ids)
-        after = ids[kind]
-        print(f"submitted {kind} job {ids[kind]}: {script}", flush=True)
-    if not dry_run:
-        (jobs.script_dir / "submitted.json").write_text(json.dumps(ids, indent=2) + "\n")
-    return ids
+    return submit_chain([(kind, scripts[kind]) for kind in JOB_KINDS], settings,
+                        record=jobs.script_dir / "submitted.json", dry_run=dry_run,
+                        sbatch=sbatch)
