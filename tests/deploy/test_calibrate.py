@@ -79,9 +79,6 @@ def _truth(seed: int = 7) -> pd.DataFrame:
     # C: exactly three failures, whatever the draw
     c = table.index[table["site"] == "C"]
     table.loc[c, "failed"] = [True] * 3 + [False] * (len(c) - 3)
-    # two audited scans of A left without a verdict
-    skipped = table.index[(table["site"] == "A") & table["audit"] & ~table["flagged"]][:2]
-    table.loc[skipped, "reviewed"] = False
     return table
 
 
@@ -179,8 +176,10 @@ def test_realised_recall_precision_and_review_fraction_per_site(setup):
                                                          len(flagged_rev))
         low, high = cal_mod.wilson(s.precision["k"], s.precision["n"])
         assert (s.precision["low"], s.precision["high"]) == (low, high)
-    # recall: on A's audit sample (its scans with a verdict), on every scan of C; not on B
-    audited = truth[(truth["site"] == "A") & truth["audit"] & truth["reviewed"]]
+    # recall: on A's audit sample (every audited scan has a verdict), on every scan of C; not
+    # on B
+    audited = truth[(truth["site"] == "A") & truth["audit"]]
+    assert audited["reviewed"].all()
     a = sites["A"]
     assert a.basis == "audit sample"
     assert (a.recall["k"], a.recall["n"]) == (int((audited["failed"] & audited["flagged"])
@@ -223,7 +222,7 @@ def test_contradicting_verdicts_are_listed_for_the_sites_lead(setup):
 def test_the_site_threshold_is_the_guarantee_on_the_worst_fold_score(setup):
     cal = _calibrate(setup)
     truth = setup[3]
-    rows = truth[(truth["site"] == "A") & truth["audit"] & truth["reviewed"]]
+    rows = truth[(truth["site"] == "A") & truth["audit"]]
     worst = np.minimum(rows["s1"], rows["s2"]).to_numpy()
     expected = guaranteed_threshold(worst, rows["failed"].to_numpy(), TARGET, CONFIDENCE, True)
     assert expected.feasible, "the synthetic site A should hold enough failures"
@@ -241,6 +240,31 @@ def test_the_site_threshold_is_the_guarantee_on_the_worst_fold_score(setup):
     mean = guaranteed_threshold(((rows["s1"] + rows["s2"]) / 2).to_numpy(),
                                 rows["failed"].to_numpy(), TARGET, CONFIDENCE, True)
     assert mean.threshold != expected.threshold
+
+
+def test_an_audit_sample_with_gaps_gives_no_recall_and_no_threshold(setup, tmp_path):
+    """Reviewers see flagged audit scans anyway and may skip unflagged ones: the reviewed part
+    of such a sample over-represents caught failures, so nothing is taken from it."""
+    bundle, out, verdicts, truth = setup
+    a = truth[(truth["site"] == "A") & truth["audit"]]
+    unflagged = a[~a["flagged"]]
+    assert len(unflagged) >= 2
+    skipped = set(unflagged["participant_id"].iloc[:2])
+    lines = verdicts.read_text().splitlines()
+    kept = [line for line in lines if line.split("\t")[0] not in skipped]
+    assert len(kept) == len(lines) - 2
+    gaps = tmp_path / "gaps.tsv"
+    gaps.write_text("\n".join(kept) + "\n")
+    cal = cal_mod.calibrate(out, bundle, gaps, target_recall=TARGET, confidence=CONFIDENCE)
+    site = _by_site(cal)["A"]
+    assert site.basis is None and site.recall is None and site.rule is None
+    assert site.guarantee is None
+    assert f"2 of the {len(a)} audit-sample scans have no verdict (2 of them unflagged)" in \
+        site.no_rule_reason
+    assert site.recall_note.startswith("Not measured: 2 of the")
+    assert site.counts["n_reviewed_audit"] == len(a) - 2
+    # the full sample calibrates A
+    assert _by_site(_calibrate(setup))["A"].rule is not None
 
 
 def test_an_infeasible_site_keeps_the_bundles_rule_and_says_what_it_needs(setup):

@@ -338,13 +338,20 @@ def _site(scans: pd.DataFrame, site: str, target: float, conf: float, hib: bool
         basis, cal = "every scan", rev
         basis_note = "every triaged scan of the site (all have a verdict)"
     elif counts["n_audit"]:
-        basis, cal = "audit sample", rev[rev["audit"]]
-        basis_note = (f"the audit sample's scans with a verdict ({len(cal)} of "
-                      f"{counts['n_audit']} audited)")
-        if cal.empty:
-            basis = None
-            basis_note = (f"none of the {counts['n_audit']} audit-sample scans has a verdict: "
-                          "review them")
+        audit = ok[ok["audit"]]
+        missing = audit[audit["verdict"].isna()]
+        basis, cal = "audit sample", audit
+        basis_note = f"the audit sample (all {len(audit)} audited scans have a verdict)"
+        if len(missing):
+            # flagged audit scans get reviewed anyway, unflagged ones may be skipped: the
+            # reviewed part of the sample is then no random draw, and recall from it is inflated
+            basis, cal = None, rev.iloc[:0]
+            unflagged = int((~missing["flagged"].astype(bool)).sum())
+            basis_note = (f"{len(missing)} of the {len(audit)} audit-sample scans have no "
+                          f"verdict ({unflagged} of them unflagged): an audit sample with gaps "
+                          "is no random draw any more (flagged scans are reviewed anyway), so "
+                          "neither recall nor a site threshold is taken from it; review the "
+                          "rest of the sample")
     else:
         basis, cal = None, rev.iloc[:0]
         basis_note = (f"{len(rev)} of {len(ok)} scans reviewed and no audit sample: verdicts on "
@@ -358,6 +365,8 @@ def _site(scans: pd.DataFrame, site: str, target: float, conf: float, hib: bool
         recall["lower_bound"] = g.recall_lower_bound(caught, int(cal_failed.sum()), conf)
         note = (f"Measured on {basis_note}." if cal_failed.any() else
                 f"No failure among {basis_note}: recall has nothing to count yet.")
+    elif counts["n_audit"]:
+        note = f"Not measured: {basis_note}."
     elif counts["n_reviewed_unflagged"] == 0:
         note = ("Not measurable: only flagged scans were reviewed, so the failures the flags "
                 "missed are unseen; an audit sample (triage --audit-fraction) shows them.")
