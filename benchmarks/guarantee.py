@@ -28,8 +28,8 @@ from wmhqc_lib.qc import guarantee
 from wmhqc_lib.study import report
 
 COLUMNS = ["target_recall", "confidence", "calibration", "mean_failures", "share_infeasible",
-           "median_recall", "p05_recall", "share_met", "share_met_feasible", "mc_se",
-           "mean_review_fraction"]
+           "median_recall", "p05_recall", "share_met", "share_met_feasible", "n_feasible",
+           "mc_se", "mean_review_fraction"]
 
 
 def synthetic_population(n: int, prevalence: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +86,11 @@ def main() -> int:
         sizes = guarantee.calibration_sizes(settings["calibration_sizes"], args.n_validation,
                                             args.n_all)
         table = guarantee.simulate_guarantee(scores, failed, sizes=sizes, **common)
-    shown = table[COLUMNS].assign(result=np.where(table["passed"], "PASS", "FAIL"))
+    verdict = table["passed"].map({True: "PASS", False: "FAIL"}).fillna("no feasible draw")
+    shown = table[COLUMNS].assign(result=verdict)
     print(f"{draws} draws per row, seed {seed}.\n")
     print(pd.DataFrame(shown).to_markdown(index=False, floatfmt=".3f"))
-    return 0 if table["passed"].all() else 1
+    return 0 if table["passed"].eq(True).all() else 1
 
 
 if __name__ == "__main__":

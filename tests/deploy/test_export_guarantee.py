@@ -39,7 +39,9 @@ def _feasible_target(n_failures: int, confidence: float) -> float:
 def _two_fold_study(results: Path, root: Path) -> Path:
     """The smoke run's fold 1 twice, as folds 1 and 2 (the shared run trains fold 1 only):
     enough to export two folds whose pooled validation rows hold twice one fold's failures.
-    Fold 2's scores are nudged by a millionth so that no two pooled rows tie."""
+    Fold 2's scores are nudged by a millionth so that no two pooled rows tie, and its
+    validation rows take the subject ids of as many of its test rows (and those test rows
+    theirs): the pool counts each subject once, so the copy must validate other subjects."""
     study = root / "smoke"
     shutil.copytree(results / "data", study / "data")
     for fold in (1, 2):
@@ -49,6 +51,12 @@ def _two_fold_study(results: Path, root: Path) -> Path:
             for spec in ev.QC_SCORES:
                 if spec.column in cases:
                     cases[spec.column] = cases[spec.column] * (1 + 1e-6) + 1e-9
+            val = cases.index[cases["split"] == "val"]
+            test = cases.index[cases["split"] == "test"][:len(val)]
+            assert len(test) == len(val), "the smoke fold has fewer test than validation rows"
+            ids = cases["subject_id"].to_numpy().copy()
+            ids[val], ids[test] = cases.loc[test, "subject_id"], cases.loc[val, "subject_id"]
+            cases["subject_id"] = ids
         cases.to_csv(study / f"fold{fold}" / "cases.csv", index=False)
     return study
 
@@ -96,6 +104,7 @@ def test_every_fold_gets_the_pooled_guaranteed_threshold(guaranteed):
     assert int((flags & failed).sum()) >= n - m
     info = b.info["guarantee"]
     assert info["allowed_misses"] == m and info["n_failures"] == n
+    assert info["n_rows"] == val["subject_id"].nunique() == info["n_validation_rows"]
     assert info["failures_per_fold"] == {"1": n // 2, "2": n // 2}  # JSON keys
     assert info["failures_needed"] == g.failures_needed(target, CONFIDENCE)
     assert info["statement"] == chosen.statement()
@@ -109,7 +118,8 @@ def test_card_states_the_guarantee_its_assumptions_and_cost(guaranteed):
     assert section["target_recall"] == target and section["confidence"] == CONFIDENCE
     assert "Angelopoulos" in section["method"] and "Wilks" in section["method"]
     assumptions = " ".join(section["assumptions"])
-    for words in ("exchangeable", "ensemble", '"any"', "independent draws"):
+    for words in ("exchangeable", "ensemble", '"any"', "independent draws", "one per subject",
+                  "checkpoints", "not a floor for each fold model"):
         assert words in assumptions
     cases, _ = _validation(study, (1, 2))
     test = cases[cases["split"] == "test"]

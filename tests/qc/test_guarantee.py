@@ -47,6 +47,21 @@ def test_too_few_failures_gives_no_threshold_and_says_how_many_are_needed():
     assert "22" in res.statement() and "5" in res.statement()
 
 
+def test_the_cut_lies_above_the_last_failure_it_must_flag():
+    """Halfway between two adjacent floats rounds back onto the lower one, which would leave
+    that failure unflagged; with no row above the last failure the cut is just above it."""
+    upper = np.nextafter(1.0, 2.0)
+    scores = np.r_[np.full(30, 0.1), 1.0, upper]
+    failed = np.r_[np.ones(31, bool), False]
+    res = g.guaranteed_threshold(scores, failed, 0.9, 0.9)
+    assert res.allowed_misses == 0
+    flags = flag_cases(scores, res.threshold)
+    assert flags[:31].all() and not flags[31]
+    alone = g.guaranteed_threshold(np.r_[np.full(30, 0.1), 1.0], np.ones(31, bool), 0.9, 0.9)
+    assert alone.threshold == np.nextafter(1.0, np.inf)
+    assert flag_cases(np.array([1.0, 1.0 + 1e-9]), alone.threshold).tolist() == [True, False]
+
+
 def test_ties_are_flagged_together():
     scores = np.array([0.2, 0.2, 0.2, 0.5, 0.5, 0.9])
     failed = np.array([True, True, True, False, False, False])
@@ -117,6 +132,26 @@ def test_pooled_choice_is_the_guarantee_on_every_folds_validation_rows(higher_is
     assert sum(per_fold.values()) == res.n_failures == failed.sum()
     assert per_fold == {f: int((part["true_dice"] < 0.5).sum())
                         for f, part in val.groupby("fold")}
+
+
+def test_a_subject_validating_several_folds_counts_once():
+    """Fold 2's validation rows are fold 1's subjects again (other scores: another model);
+    the pooled choice keeps the first fold's rows, and says how many rows it chose on."""
+    cases = _study(folds=3, seed=3)
+    val2 = (cases["fold"] == 2) & (cases["split"] == "val")
+    cases.loc[val2, "subject_id"] = cases.loc[(cases["fold"] == 1) & (cases["split"] == "val"),
+                                              "subject_id"].to_numpy()
+    spec = _spec(True)
+    res = g.choose_pooled(cases, spec, 0.7, 0.8)
+    once = cases[(cases["split"] == "val") & ~val2]
+    direct = g.guaranteed_threshold(once[spec.column].to_numpy(),
+                                    once["true_dice"].to_numpy() < 0.5, 0.7, 0.8)
+    assert res == direct and res.n_rows == 32
+    kept = g.one_row_per_subject(cases[cases["split"] == "val"])
+    assert set(kept["fold"]) == {1, 3} and kept["subject_id"].is_unique
+    # the cost and the trade-off choose on the same rows
+    assert g.tradeoff_curve(cases, spec, [0.7], 0.8)["n_val_rows"].iloc[0] == 32
+    assert g.guarantee_cost(cases, spec, 0.7, 0.8, n_boot=5)["threshold"] == res.threshold
 
 
 @pytest.mark.parametrize("higher_is_better", [True, False])
@@ -193,7 +228,10 @@ def test_simulation_meets_the_confidence_and_counts_infeasible_draws():
                                  sizes={"small": 60, "large": 300}, draws=800, seed=4)
     assert len(table) == 4 and set(table["calibration"]) == {"small", "large"}
     assert table["passed"].all()
-    assert (table["share_met"] >= table["confidence"] - 3 * table["mc_se"]).all()
+    assert (table["share_met_feasible"] >= table["confidence"] - 3 * table["mc_se"]).all()
+    # the standard error is that of the draws that gave a guarantee
+    assert table["mc_se"].tolist() == pytest.approx(
+        np.sqrt(0.9 * 0.1 / table["n_feasible"]).tolist())
     small90 = table[(table["calibration"] == "small") & (table["target_recall"] == 0.9)].iloc[0]
     large90 = table[(table["calibration"] == "large") & (table["target_recall"] == 0.9)].iloc[0]
     # 60 rows hold about 18 failures, fewer than the 22 recall 0.9 needs: most draws abstain
@@ -218,3 +256,6 @@ def test_simulate_study_uses_every_out_of_fold_row():
     table = g.simulate_study(cases, _spec(True), targets=[0.7], confidences=[0.8],
                              sizes=["validation", "all"], draws=50)
     assert table["calibration"].tolist() == ["validation (32)", "all (74)"]
+    none = g.simulate_guarantee(np.linspace(0, 1, 50), np.arange(50) < 5, targets=[0.9],
+                                confidences=[0.9], sizes=[20], draws=30)
+    assert none["n_feasible"].iloc[0] == 0 and none["passed"].iloc[0] is None

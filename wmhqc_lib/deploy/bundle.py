@@ -254,17 +254,20 @@ def _guarantee(cases: pd.DataFrame, spec: ev.QCScore, folds: list[int], target: 
     if not chosen.feasible:
         raise BundleError(
             f"--target-recall {target} --confidence {confidence}: no guarantee, nothing "
-            f"exported: the choosing rows (the {chosen.n_rows} validation cases of folds "
-            f"{folds} pooled) hold {chosen.n_failures} labelled failures ({counts}); recall >= "
+            f"exported: the choosing rows (the validation cases of folds {folds} pooled, "
+            f"{chosen.n_rows} distinct subjects) hold {chosen.n_failures} labelled failures "
+            f"(per fold, a subject counted in each fold it validates: {counts}); recall >= "
             f"{target} with {confidence} confidence needs at least {chosen.failures_needed} "
             "labelled failures. Lower the target or the confidence, label more failed cases, "
             "or export without --target-recall")
     described = {
         "statement": chosen.statement(), "target_recall": target, "confidence": confidence,
         "method": chosen.method, "threshold": chosen.threshold,
-        "choosing_rows": f"the validation cases of folds {folds} pooled, each scored by the "
-                         "fold model that never trained on it",
-        "n_rows": chosen.n_rows, "n_subjects": int(val["subject_id"].nunique()),
+        "choosing_rows": f"the validation cases of folds {folds} pooled, each subject once "
+                         "(the row of the first fold it validates), each scored by a fold "
+                         "model that never trained on it",
+        "n_rows": chosen.n_rows, "n_validation_rows": len(val),
+        "n_subjects": int(val["subject_id"].nunique()),
         "n_failures": chosen.n_failures, "failures_per_fold": per_fold,
         "failures_needed": chosen.failures_needed, "allowed_misses": chosen.allowed_misses,
         "review_fraction_choosing_rows": chosen.review_fraction, "combine": "any",
@@ -276,12 +279,20 @@ def _guarantee(cases: pd.DataFrame, spec: ev.QCScore, folds: list[int], target: 
             f"A labelled failure is a fold model's own segmentation with lesion Dice < "
             f"{quality}; triage delivers the ensemble's mask (the mean of the fold models), "
             "which no study row labels.",
-            "The vote rule is \"any\": a scan is flagged when any fold model flags it, so it "
-            "is flagged whenever a single fold model would be, and the recall calibrated "
-            "here, that of one fold model on its own validation cases, is a floor for it.",
-            f"The {chosen.n_rows} pooled validation rows are treated as independent draws; "
-            f"they come from {int(val['subject_id'].nunique())} subjects (a subject can "
-            "validate more than one fold).",
+            "The vote rule is \"any\": a scan is flagged when any fold model flags it. The "
+            "recall calibrated here is averaged over the fold models (each choosing row is "
+            "scored by one of them), and a scan is flagged whenever the model that scored its "
+            "row would flag it, so that average is a floor for the any-fold rule; it is not a "
+            "floor for each fold model on its own.",
+            f"The {chosen.n_rows} choosing rows are treated as independent draws: one per "
+            f"subject ({len(val)} validation rows of {int(val['subject_id'].nunique())} "
+            "subjects, since a subject can validate several folds; each keeps its first "
+            "fold's row).",
+            "The validation cases are not untouched: they also chose the segmentation and "
+            "reconstruction networks' checkpoints (early stopping) and the QC score carried "
+            "here (lowest AURC). The promise assumes that choice did not make them look "
+            "better than new scans; the study's validation and test cases fail at similar "
+            "rates (the evaluation chapter prints both).",
             "The promise is on recall alone: how many successful segmentations go to review "
             "is the cost below, measured, not guaranteed."],
     }
@@ -446,13 +457,15 @@ def export_study(results_dir: str | Path, out_dir: str | Path, *,
 
 def deployed_operating_point(card: dict) -> tuple[dict, str]:
     """The test-fold operating point of the rule the bundle deploys, with a label naming it:
-    the guaranteed threshold's cost when the bundle carries a recall guarantee (its flags are
-    those of that threshold), else the profile's rule. Every promise made from a card (pages,
-    CLI, the deployed-rule check) reads it here, so none compares new scans with a rule the
-    bundle does not use."""
+    the guaranteed threshold's cost when the bundle carries a recall guarantee (each test case
+    flagged by its own fold model at that threshold: the any-fold rule flags at least these),
+    else the profile's rule. Every promise made from a card (pages, CLI, the deployed-rule
+    check) reads it here, so none compares new scans with a rule the bundle does not use."""
     guarantee = card.get("guarantee")
     if guarantee and guarantee.get("cost"):
-        return guarantee["cost"], f"guaranteed threshold ({guarantee['statement']})"
+        return guarantee["cost"], (f"guaranteed threshold ({guarantee['statement']}); each "
+                                   "case flagged by its own fold model, a floor for the "
+                                   "any-fold rule")
     return card.get("test_operating_point") or {}, "the profile's rule"
 
 
@@ -468,7 +481,10 @@ def _guarantee_card(guarantee: dict, cost: dict, profile_op: dict, rule: str) ->
         "guarantee": guarantee | {
             "cost": cost,
             "cost_note": "the test cases of all folds pooled, each flagged by the fold model "
-                         "that never saw it with the common threshold; 95 % intervals from "
+                         "that never saw it with the common threshold. The deployed any-fold "
+                         "rule flags at least these, so its review fraction and recall on new "
+                         "scans are at least these (the other fold models trained on a test "
+                         "case and cannot score it fairly); 95 % intervals from "
                          "resampling each fold's validation and test cases, the threshold "
                          "chosen again on the resampled validation cases (a resample with too "
                          "few failures for the guarantee reviews every case)",
@@ -503,7 +519,8 @@ def _guarantee_markdown(guarantee: dict, cohort_text: str) -> list[str]:
         f"{guarantee['confidence']}: one threshold, {guarantee['threshold']:.4g}, for every "
         f"fold, and a scan is flagged when any fold model flags it.",
         f"- Chosen on {guarantee['choosing_rows']}: {guarantee['n_rows']} cases from "
-        f"{cohort_text}, {guarantee['n_failures']} labelled failures ({per_fold}). The "
+        f"{cohort_text}, {guarantee['n_failures']} labelled failures (per fold, a subject "
+        f"counted in each fold it validates: {per_fold}). The "
         f"guarantee needs at least {guarantee['failures_needed']}; with "
         f"{guarantee['n_failures']} the threshold may leave {guarantee['allowed_misses']} of "
         "them unflagged.",
@@ -514,7 +531,8 @@ def _guarantee_markdown(guarantee: dict, cohort_text: str) -> list[str]:
         "", f"What it costs on the study's {cost['n_cases']} test cases ({cost['n_failed']} "
         f"failed; {guarantee['cost_note']}; {cost['n_infeasible_resamples']} of "
         f"{cost['n_boot']} resamples held too few failures):", "",
-        f"- review fraction: {_interval(cost['review_fraction'])}; the profile's rule "
+        f"- review fraction: {_interval(cost['review_fraction'])} (the any-fold rule "
+        "reviews at least this); the profile's rule "
         f"(`{guarantee['profile_rule']}`): "
         f"{_interval(guarantee['profile_rule_review_fraction'])}",
         f"- recall (failures flagged): {_interval(recall)}{bound_text}",

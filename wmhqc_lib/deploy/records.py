@@ -53,7 +53,9 @@ def worst_fold_score(record: dict, higher_is_better: bool) -> float | None:
     """The fold QC score of a record furthest toward failure (the lowest of a
     higher-is-better score, the highest otherwise): with one threshold for every fold, "any
     fold flags" is this score beyond the threshold, so a site's threshold is calibrated on
-    it. None for a record without fold scores (a scan in error) or with a non-finite one."""
+    it. None for a record without fold scores (a scan in error) or with a non-finite one:
+    such a scan leaves the calibration rows (its statistic is undefined) even where another
+    fold flagged it in triage, which biases nothing unless scores go missing with failure."""
     values = [f.get("qc_score") for f in record.get("per_fold") or []]
     if not values or any(v is None or not math.isfinite(float(v)) for v in values):
         return None

@@ -26,10 +26,17 @@ from.
 
 A study's folds hold only a handful of validation failures each, where recall 0.9 at 90 %
 confidence needs 22, so the study's guarantee pools the validation rows of all folds, each
-scored by the one fold model that never trained on it: one common threshold
-(:func:`choose_pooled`). What it costs in review is measured on the test rows
-(:func:`guarantee_cost`, :func:`tradeoff_curve`), and whether the promise holds is checked by
-drawing calibration sets from a known population (:func:`simulate_guarantee`).
+scored by a fold model that never trained on it: one common threshold (:func:`choose_pooled`).
+A subject that validates several folds enters once (its first such fold's row), so that no
+failure is counted twice as if it were independent evidence. The calibrated recall is that of
+the mixture of fold models (each row scored by one of them); flagging a scan when any fold
+model flags it can only raise it. The validation rows are not untouched, though: they also
+chose the segmentation and reconstruction networks' checkpoints and the carried QC score, which
+the promise assumes did not bend them away from new scans.
+
+What it costs in review is measured on the test rows (:func:`guarantee_cost`,
+:func:`tradeoff_curve`), and whether the promise holds is checked by drawing calibration sets
+from a known population (:func:`simulate_guarantee`).
 """
 
 from __future__ import annotations
@@ -153,7 +160,12 @@ def guaranteed_threshold(scores: np.ndarray, failed: np.ndarray, target_recall: 
     if m is not None:
         last = fails[n - m - 1]  # the most reassuring failure that must still be flagged
         above = good[good > last]
-        cut = (last + above.min()) / 2.0 if above.size else last + max(1.0, abs(last))
+        # any cut in (last, next row above] flags the same choosing rows; halfway leaves new
+        # scans between the two an even chance. Where halfway rounds back onto ``last`` (two
+        # adjacent floats), or no row lies above, the cut is the next float above ``last``.
+        cut = last + (above.min() - last) / 2.0 if above.size else math.nan
+        if not cut > last:
+            cut = float(np.nextafter(last, np.inf))
         threshold = float(cut if higher_is_better else -cut)
         review = float(np.mean(good < cut)) if len(good) else None
     return RecallGuarantee(float(target_recall), float(confidence), int(len(s)), n,
@@ -177,11 +189,25 @@ class _Rows:
         return [np.flatnonzero(self.fold == f) for f in np.unique(self.fold)]
 
 
+def one_row_per_subject(part: pd.DataFrame) -> pd.DataFrame:
+    """The rows with each subject once: the row of its lowest fold (a choice blind to scores
+    and outcomes). A subject validates up to all-but-one folds; its rows share the image, so
+    counting each as an independent failure would overstate the evidence."""
+    if "subject_id" not in part or part.empty:
+        return part
+    order = part.sort_values("fold", kind="stable") if "fold" in part else part
+    return order.drop_duplicates("subject_id", keep="first").sort_index()
+
+
 def _rows(cases: pd.DataFrame, spec: ev.QCScore, split: str, quality_threshold: float,
           dice_column: str) -> _Rows:
+    """One split's rows of all folds; the validation rows (the choosing rows) with each subject
+    once (:func:`one_row_per_subject`)."""
     part = cases[cases["split"].astype(str) == split]
     if part.empty:
         raise ValueError(f"{cases.attrs.get('source', 'cases table')}: no {split!r} rows")
+    if split == "val":
+        part = one_row_per_subject(part)
     part.attrs.update(cases.attrs)
     checked = ev.check_cases(part, [dice_column, spec.column], dice_column=dice_column)
     return _Rows(checked[spec.column].to_numpy(float),
@@ -212,9 +238,10 @@ def choose_pooled(cases: pd.DataFrame, score: str | ev.QCScore, target_recall: f
                   confidence: float = DEFAULT_CONFIDENCE, *,
                   quality_threshold: float = ev.QUALITY_THRESHOLD,
                   dice_column: str = ev.DICE_COLUMN) -> RecallGuarantee:
-    """One threshold for every fold, guaranteed on the validation rows of all folds pooled
-    (each scored by the fold model that never trained on it): the threshold calibrates the
-    mixture of the fold models, which a scan flagged when any fold flags it can only beat."""
+    """One threshold for every fold, guaranteed on the validation rows of all folds pooled,
+    each subject once (each row scored by a fold model that never trained on it): the
+    threshold calibrates the mixture of the fold models, which a scan flagged when any fold
+    flags it can only beat."""
     spec = ev.resolve_score(score)
     val = _rows(cases, spec, "val", quality_threshold, dice_column)
     return guaranteed_threshold(val.scores, val.failed, target_recall, confidence,
@@ -356,9 +383,11 @@ def simulate_guarantee(scores: np.ndarray, failed: np.ndarray, *, targets: Seque
     One row per target, confidence and size: the mean labelled failures per draw, the median
     and 5th-percentile realised recall, the share of draws whose recall reaches the target (all
     draws, and feasible draws only), the mean review fraction, and ``mc_se``, the Monte Carlo
-    standard error of a share equal to the confidence. ``passed``: the share over all draws is
-    at least the confidence less two such errors. The same calibration draws serve every
-    target and confidence of a size (seeded).
+    standard error of a share equal to the confidence over the ``n_feasible`` draws that gave a
+    guarantee. ``passed``: the share over those draws is at least the confidence less two such
+    errors (``None`` when no draw gave one): the guarantee holds given the number of labelled
+    failures, and abstaining draws, which review everything, would flatter it. The same
+    calibration draws serve every target and confidence of a size (seeded).
     """
     s = np.asarray(scores, dtype=float)
     failed = np.asarray(failed, dtype=bool)
@@ -390,7 +419,11 @@ def simulate_guarantee(scores: np.ndarray, failed: np.ndarray, *, targets: Seque
                                                   higher_is_better).mean()
                         review[d] = ev.flag_cases(s, res.threshold, higher_is_better).mean()
                 met = recall >= float(target)
-                se = math.sqrt(float(conf) * (1 - float(conf)) / draws)
+                n_feasible = int(feasible.sum())
+                # the guarantee holds given the number of labelled failures, so it is judged on
+                # the draws that gave one; abstaining draws (recall 1) would make it look better
+                se = (math.sqrt(float(conf) * (1 - float(conf)) / n_feasible) if n_feasible
+                      else math.nan)
                 rows.append({
                     "target_recall": float(target), "confidence": float(conf),
                     "calibration": label, "calibration_size": int(size), "draws": int(draws),
@@ -401,8 +434,10 @@ def simulate_guarantee(scores: np.ndarray, failed: np.ndarray, *, targets: Seque
                     "share_met": float(met.mean()),
                     "share_met_feasible": (float(met[feasible].mean()) if feasible.any()
                                            else math.nan),
-                    "mc_se": se, "mean_review_fraction": float(review.mean()),
-                    "passed": bool(met.mean() >= float(conf) - 2 * se)})
+                    "n_feasible": n_feasible, "mc_se": se,
+                    "mean_review_fraction": float(review.mean()),
+                    "passed": (bool(met[feasible].mean() >= float(conf) - 2 * se)
+                               if n_feasible else None)})
     return pd.DataFrame(rows)
 
 
@@ -411,9 +446,10 @@ def simulate_study(cases: pd.DataFrame, score: str | ev.QCScore, *,
                    sizes: Sequence[int | str] = ("validation", "all"), draws: int = 2000,
                    seed: int = 0, quality_threshold: float = ev.QUALITY_THRESHOLD,
                    dice_column: str = ev.DICE_COLUMN) -> pd.DataFrame:
-    """:func:`simulate_guarantee` with a study's pooled out-of-fold rows (validation and test
-    rows of every fold, each scored by the fold model that never trained on it) as the
-    population; ``sizes`` as :func:`calibration_sizes` reads them."""
+    """:func:`simulate_guarantee` with a study's pooled out-of-fold rows (validation rows,
+    each subject once, and test rows of every fold, each scored by a fold model that never
+    trained on it) as the population; ``sizes`` as :func:`calibration_sizes` reads them
+    (``validation``: as many rows as the export chooses on)."""
     spec = ev.resolve_score(score)
     val = _rows(cases, spec, "val", quality_threshold, dice_column)
     test = _rows(cases, spec, "test", quality_threshold, dice_column)
