@@ -1,10 +1,12 @@
 """Does the recall guarantee hold? Calibration sets drawn again and again from a known
 population: in each draw the threshold is chosen by ``qc.guarantee.guaranteed_threshold`` and
-its realised recall is measured on the whole population; the share of draws that reach the
-target recall must reach the promised confidence (PASS within two Monte Carlo standard errors).
+its realised recall is measured on the whole population; the share of the draws that gave a
+guarantee whose recall reaches the target must reach the promised confidence (PASS within two
+Monte Carlo standard errors).
 
-``--results DIR``: the population is the study's pooled out-of-fold cases (validation and test
-rows of every fold, each scored by the fold model that never trained on it) with the carried
+``--results DIR``: the population is the study's pooled out-of-fold cases (validation rows,
+each subject once, and test rows of every fold, each scored by a fold model that never trained
+on it) with the carried
 score (lowest AURC on the pooled validation rows); calibration sizes, targets, confidences and
 draws come from the profile's ``guarantee`` section. Without it, a parametric **synthetic**
 population (no study needed): scores of successes ~ N(0.75, 0.10), of failures ~ N(0.45, 0.15),
@@ -52,12 +54,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="default: the profile's")
     parser.add_argument("--population", type=int, default=5000,
                         help="synthetic population size (without --results)")
-    parser.add_argument("--n-validation", type=int, default=80,
+    parser.add_argument("--n-validation", type=int, default=58,
                         help="the size 'validation' stands for without --results (default: "
-                             "the cpu study's 5 x 16 pooled validation cases)")
-    parser.add_argument("--n-all", type=int, default=185,
-                        help="the size 'all' stands for without --results (default: the cpu "
-                             "study's 5 x 16 validation and 105 test cases)")
+                             "the synthetic cpu study's pooled validation cases, each subject "
+                             "once)")
+    parser.add_argument("--n-all", type=int, default=163,
+                        help="the size 'all' stands for without --results (default: those "
+                             "and the cpu study's 105 test cases)")
     args = parser.parse_args()
     name = args.profile or (args.results.resolve().name if args.results is not None
                             and args.results.resolve().name in profile_names() else "cpu")
@@ -72,8 +75,10 @@ def main() -> int:
         cases, scores = report.available_scores(report.load_all_cases(args.results),
                                                 seed=profile.seed)
         score, _ = report.choose_score(cases, scores)
-        oof = cases[cases["split"].isin(["val", "test"])]
-        print(f"Population: the {len(oof)} pooled out-of-fold cases of {args.results} "
+        oof = pd.concat([guarantee.one_row_per_subject(cases[cases["split"] == "val"]),
+                         cases[cases["split"] == "test"]])
+        print(f"Population: the {len(oof)} pooled out-of-fold cases of {args.results}, "
+              "validation cases each subject once "
               f"(profile {name}; {int((oof['true_dice'] < q).sum())} failed, lesion Dice < {q}),"
               f" score {score.label}" + (", synthetic cohort" if oof["synthetic"].astype(str)
                                           .str.lower().eq("true").all() else "") + ".")
