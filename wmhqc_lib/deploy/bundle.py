@@ -463,9 +463,8 @@ def deployed_operating_point(card: dict) -> tuple[dict, str]:
     check) reads it here, so none compares new scans with a rule the bundle does not use."""
     guarantee = card.get("guarantee")
     if guarantee and guarantee.get("cost"):
-        return guarantee["cost"], (f"guaranteed threshold ({guarantee['statement']}); each "
-                                   "case flagged by its own fold model, a floor for the "
-                                   "any-fold rule")
+        return guarantee["cost"], ("guaranteed threshold, each case flagged by its own fold "
+                                   "model: a floor for the any-fold rule")
     return card.get("test_operating_point") or {}, "the profile's rule"
 
 
